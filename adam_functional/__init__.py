@@ -1,0 +1,32 @@
+"""Adam as a pure function over immutable records, with a notebook-compatible in-place wrapper.
+
+The core is :func:`adam_update`, which maps ``(params, grads, state, config)`` to
+``(new_params, new_state)`` and writes none of its inputs. :class:`Adam` is the stateful shell:
+``Adam(lr=0.01).step(W, grads)`` updates ``W`` in place with the same arithmetic.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from adam_functional import schedules
+from adam_functional._kernels import backend
+from adam_functional._records import AdamConfig, AdamState
+from adam_functional._tree import tree_map
+from adam_functional._update import adam_init, adam_update
+from adam_functional._wrapper import Adam
+
+try:
+    __version__ = version("adam-functional")
+except PackageNotFoundError:  # Imported from a source tree that was never installed.
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Adam",
+    "AdamConfig",
+    "AdamState",
+    "__version__",
+    "adam_init",
+    "adam_update",
+    "backend",
+    "schedules",
+    "tree_map",
+]
