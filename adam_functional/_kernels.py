@@ -201,7 +201,9 @@ def count_nonfinite(g: np.ndarray) -> int:
     """
     if g.dtype.kind != "f" or g.size == 0:
         return 0
-    if math.isfinite(float(np.add.reduce(g, axis=None))):
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.add.reduce(g, axis=None)
+    if math.isfinite(float(total)):
         return 0
     flat = g.reshape(-1)
     blocks = (flat[i : i + BLOCK_SIZE] for i in range(0, flat.shape[0], BLOCK_SIZE))

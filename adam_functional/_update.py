@@ -93,7 +93,7 @@ def nonfinite_error(g: np.ndarray, count: int, path: str) -> FloatingPointError:
     return FloatingPointError(
         f"{path}: expected finite gradients, got {count} NaN or infinite value"
         f"{'' if count == 1 else 's'} of {g.size} (first at index {tuple(map(int, first))}: "
-        f"{g[first]!r}); nothing was changed. AdamConfig(nonfinite='skip') skips such steps"
+        f"{g[first].item()}); nothing was changed. AdamConfig(nonfinite='skip') skips such steps"
     )
 
 
@@ -117,18 +117,21 @@ def run_leaf(
     """
     direct = out_p.flags.c_contiguous
     flat_out_p = out_p.reshape(-1) if direct else np.empty(out_p.size, out_p.dtype)
-    _kernels.adam_leaf(
-        p.reshape(-1),
-        g.reshape(-1),
-        m.reshape(-1),
-        v.reshape(-1),
-        None if v_max is None else v_max.reshape(-1),
-        c,
-        flat_out_p,
-        out_m.reshape(-1),
-        out_v.reshape(-1),
-        None if out_v_max is None else out_v_max.reshape(-1),
-    )
+    # NaN and infinity only reach the arithmetic when asked to propagate, and then warnings (or
+    # errors, under np.seterr(all="raise")) would only interrupt a step half-way.
+    with np.errstate(all="ignore"):
+        _kernels.adam_leaf(
+            p.reshape(-1),
+            g.reshape(-1),
+            m.reshape(-1),
+            v.reshape(-1),
+            None if v_max is None else v_max.reshape(-1),
+            c,
+            flat_out_p,
+            out_m.reshape(-1),
+            out_v.reshape(-1),
+            None if out_v_max is None else out_v_max.reshape(-1),
+        )
     if not direct:
         out_p[...] = flat_out_p.reshape(out_p.shape)
 

@@ -8,6 +8,7 @@ kernel, with the wrapper's own buffers and the caller's arrays as the outputs (d
 
 from __future__ import annotations
 
+import bisect
 import numbers
 import weakref
 from collections.abc import Iterator, Mapping
@@ -37,7 +38,7 @@ STATE_DICT_VERSION = 1
 class _Slot:
     """The state of one array: buffers the wrapper owns and writes in place."""
 
-    __slots__ = ("m", "ref", "restored", "skipped", "t", "v", "v_max")
+    __slots__ = ("m", "rank", "ref", "restored", "skipped", "t", "v", "v_max")
 
     def __init__(
         self,
@@ -54,8 +55,10 @@ class _Slot:
         self.skipped = skipped
         self.ref: weakref.ref[np.ndarray] | None = None
         # A slot restored from a checkpoint whose array is gone waits for the next new array
-        # (see Adam.load_state_dict) instead of being dropped.
+        # (see Adam.load_state_dict) instead of being dropped, in its place (rank) in the
+        # checkpoint's first-step order.
         self.restored = False
+        self.rank = 0
 
     @classmethod
     def zeros_like(cls, p: np.ndarray, amsgrad: bool) -> _Slot:
@@ -204,6 +207,9 @@ class Adam:
     def step(self, params: Any, grads: Any) -> None:
         """Takes one Adam step, writing the new values into ``params``.
 
+        Every check runs before anything is written: whatever is raised, no array and no state
+        has changed.
+
         Args:
           params: a writeable floating-point NumPy array, or a tree (nested dicts, lists, tuples,
             namedtuples) of them. Every leaf is updated in place; each has its own state.
@@ -215,8 +221,6 @@ class Adam:
           ValueError: shapes or structures differ, the same array appears twice, or a restored
             state does not fit the array that claims it.
           FloatingPointError: a gradient is not finite and ``nonfinite="raise"``.
-
-          Whatever is raised, no array and no state has changed.
         """
         p_leaves, treedef = _tree.flatten(params, "params", leaf="a writeable NumPy array")
         paths = LeafPaths(treedef, "params")
@@ -327,7 +331,7 @@ class Adam:
                 del adam._slots[key]
                 if slot.restored:
                     slot.ref = None
-                    adam._pending.append(slot)
+                    bisect.insort(adam._pending, slot, key=lambda pending: pending.rank)
 
         slot.ref = weakref.ref(p, forget)
         self._slots[key] = slot
@@ -394,13 +398,12 @@ class Adam:
         remaining entries wait for the next new arrays to be stepped, in that order. An array
         stepped in the same order as when the state dict was made therefore gets its own state
         back. Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``.
+        Nothing changes unless the whole dict loads.
 
         Raises:
           ValueError: the dict is malformed, from a newer release, has fewer entries than this
             optimizer has stepped arrays, or an entry's shape or dtype does not fit its array.
           TypeError: an entry holds the wrong kind of value.
-
-          Nothing changes unless the whole dict loads.
         """
         config, slots = _parse_state_dict(state_dict)
         live = list(self._slots.items())
@@ -435,9 +438,10 @@ class Adam:
     @classmethod
     def _from_pickle(cls, fields: dict[str, Any]) -> Adam:
         adam = cls.from_config(fields["config"])
-        for array, m, v, v_max, t, skipped in fields["slots"]:
+        for rank, (array, m, v, v_max, t, skipped) in enumerate(fields["slots"]):
             slot = _Slot(m, v, v_max, t, skipped)
             slot.restored = True
+            slot.rank = rank
             if array is None:
                 adam._pending.append(slot)
             else:
@@ -475,6 +479,17 @@ def _scalar(value: Any, where: str, kind: type) -> Any:
 _FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize")
 
 
+def _unwrap_scalars(value: Any) -> Any:
+    """Turns the 0-d arrays that ``np.savez`` gives back into Python scalars, recursively."""
+    if isinstance(value, Mapping):
+        return {key: _unwrap_scalars(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unwrap_scalars(item) for item in value]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_Slot]]:
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
@@ -500,7 +515,7 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
         value = raw_config[field.name]
         where = f"state_dict['config'][{field.name!r}]"
         if field.name == "lr" and isinstance(value, Mapping):
-            value = schedules.from_dict(dict(value))
+            value = schedules.from_dict(_unwrap_scalars(value))
         elif field.name == "nonfinite":
             value = _scalar(value, where, str)
         elif field.name in _FLAGS:
@@ -544,5 +559,6 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
                 raise ValueError(f"{where}[{name!r}]: expected an int >= 0, got {count}")
         slot = _Slot(arrays[0], arrays[1], arrays[2] if config.amsgrad else None, *counts)
         slot.restored = True
+        slot.rank = position
         slots.append(slot)
     return config, slots
