@@ -1,7 +1,7 @@
 """Adam as a pure function over immutable records, with a notebook-compatible in-place wrapper.
 
-The core is :func:`adam_update`, which maps ``(params, grads, state, config)`` to
-``(new_params, new_state)`` and writes none of its inputs. :class:`Adam` is the stateful shell:
+The core is `adam_update`, which maps ``(params, grads, state, config)`` to
+``(new_params, new_state)`` and writes none of its inputs. `Adam` is the stateful shell:
 ``Adam(lr=0.01).step(W, grads)`` updates ``W`` in place with the same arithmetic.
 """
 

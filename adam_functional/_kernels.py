@@ -1,8 +1,8 @@
 """The arithmetic of one Adam step on one array: the only place the formula is written.
 
-:func:`adam_leaf` reads ``p``, ``g``, ``m``, ``v`` and writes the new ``p``, ``m``, ``v`` into
+`adam_leaf` reads ``p``, ``g``, ``m``, ``v`` and writes the new ``p``, ``m``, ``v`` into
 arrays it is given. The pure update gives it fresh arrays; the in-place wrapper gives it the arrays
-it owns (donation). Either way it walks the data in blocks of :data:`BLOCK_SIZE` elements, so that
+it owns (donation). Either way it walks the data in blocks of `BLOCK_SIZE` elements, so that
 its temporaries stay in cache and no full-size temporary is ever made.
 
 Every elementwise operation is the notebook's, in the notebook's order, so float64 results are

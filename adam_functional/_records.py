@@ -1,4 +1,4 @@
-"""The immutable records: :class:`AdamConfig` (hyperparameters) and :class:`AdamState` (moments).
+"""The immutable records: `AdamConfig` (hyperparameters) and `AdamState` (moments).
 
 Both are frozen attrs classes validated at construction, so an invalid config or a state that is not
 a tree of read-only floating-point arrays cannot exist. Both pickle with a format version, so that a
@@ -145,13 +145,14 @@ class AdamConfig:
     Args:
       lr: the learning rate (``alpha`` in the paper, ``learning_rate`` in optax and Keras): a
         finite number >= 0, or a schedule, a callable ``t -> float`` such as those in
-        :mod:`adam_functional.schedules`. Step ``t`` (1-based: the step count after the step)
+        `adam_functional.schedules`. Step ``t`` (1-based: the step count after the step)
         uses ``lr(t)``.
       beta1: decay rate of the first moment ``m``, in [0, 1) (torch ``betas[0]``, optax ``b1``).
       beta2: decay rate of the second moment ``v``, in [0, 1) (torch ``betas[1]``, optax ``b2``).
       eps: added to ``sqrt(v_hat)`` in the denominator, >= 0.
-      weight_decay: >= 0. By default the notebook's L2 penalty, ``g + weight_decay * p``, which
-        Adam then rescales per coordinate; with ``decoupled_weight_decay`` it is AdamW's decay.
+      weight_decay: a number >= 0. By default the notebook's L2 penalty,
+        ``g + weight_decay * p``, which Adam then rescales per coordinate; with
+        ``decoupled_weight_decay`` it is AdamW's decay.
       decoupled_weight_decay: decay the parameters directly, ``p * (1 - lr * weight_decay)``
         before the Adam step, as ``torch.optim.AdamW`` does (Loshchilov & Hutter).
       amsgrad: keep ``v_max = max(v_max, v)`` over the raw second moment and use it in the

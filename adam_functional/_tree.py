@@ -135,7 +135,7 @@ def flatten_like(tree: Any, treedef: TreeDef, root: str, like: str = "params") -
 
     Args:
       tree: the tree to walk (grads, or a state's moments).
-      treedef: the structure it must have, from :func:`flatten` of the params.
+      treedef: the structure it must have, from `flatten` of the params.
       root: the tree's name in error messages.
       like: the name of the tree that ``treedef`` came from, for error messages.
 

@@ -1,4 +1,4 @@
-"""The pure update: :func:`adam_init` and :func:`adam_update`, and the checks they share.
+"""The pure update: `adam_init` and `adam_update`, and the checks they share.
 
 Every check runs before any arithmetic, so a call that raises has computed nothing, and since the
 pure update writes only arrays it has just made, its inputs are never touched in any case.
@@ -156,7 +156,7 @@ def adam_init(params: Any, config: AdamConfig | None = None) -> AdamState:
       config: with ``amsgrad=True`` the state also holds ``v_max``; the default config does not.
 
     Returns:
-      An :class:`AdamState` with ``t=0`` whose read-only ``m`` and ``v`` mirror ``params`` in
+      An `AdamState` with ``t=0`` whose read-only ``m`` and ``v`` mirror ``params`` in
       structure, shapes and dtypes.
 
     Raises:
@@ -187,17 +187,17 @@ def adam_update(
 
     With ``t = state.t + 1`` and every operation elementwise, in this order (the notebook's):
 
-    .. code-block:: text
-
-        g     = -g                               if maximize
-        g     = g + weight_decay * p             if weight_decay > 0 and not decoupled (L2)
-        p     = p * (1 - lr(t) * weight_decay)   if decoupled_weight_decay (AdamW)
-        m     = beta1 * m + (1 - beta1) * g
-        v     = beta2 * v + (1 - beta2) * g**2
-        v_max = max(v_max, v)                    if amsgrad (and v_max replaces v below)
-        m_hat = m / (1 - beta1**t)
-        v_hat = v / (1 - beta2**t)
-        p     = p - lr(t) * m_hat / (sqrt(v_hat) + eps)
+    ```text
+    g     = -g                               if maximize
+    g     = g + weight_decay * p             if weight_decay > 0 and not decoupled (L2)
+    p     = p * (1 - lr(t) * weight_decay)   if decoupled_weight_decay (AdamW)
+    m     = beta1 * m + (1 - beta1) * g
+    v     = beta2 * v + (1 - beta2) * g**2
+    v_max = max(v_max, v)                    if amsgrad (and v_max replaces v below)
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    p     = p - lr(t) * m_hat / (sqrt(v_hat) + eps)
+    ```
 
     This is Algorithm 1 of Kingma & Ba with the notebook's placement of ``eps`` (outside the
     square root, after bias correction, as in ``torch.optim.Adam`` and ``optax.adam``). In
@@ -213,7 +213,7 @@ def adam_update(
         namedtuples). Each leaf keeps its dtype (float16, float32, float64, longdouble).
       grads: the gradients, a tree with the structure of ``params`` whose leaves have exactly the
         shapes of the parameters (never broadcast) and real dtypes (cast to the parameters').
-      state: from :func:`adam_init` or a previous call, made for parameters of this structure.
+      state: from `adam_init` or a previous call, made for parameters of this structure.
       config: the hyperparameters.
 
     Returns:

@@ -1,8 +1,8 @@
-"""The in-place wrapper :class:`Adam`: the notebook's ``step(params, grads)`` on the pure core.
+"""The in-place wrapper `Adam`: the notebook's ``step(params, grads)`` on the pure core.
 
 It keeps one moment buffer pair per stepped array, keyed like the notebook by ``id()`` of the array
 but tied to the array's life by a weak reference, so a new array that happens to reuse a dead
-array's ``id()`` starts fresh. Each step runs the same checks as :func:`adam_update`, then the same
+array's ``id()`` starts fresh. Each step runs the same checks as `adam_update`, then the same
 kernel, with the wrapper's own buffers and the caller's arrays as the outputs (donation).
 """
 
@@ -127,16 +127,16 @@ class Adam:
     as long as the array.
 
     Args:
-      lr: learning rate, or a schedule (see :class:`AdamConfig`).
+      lr: learning rate, or a schedule (see `AdamConfig`).
       beta1: decay rate of the first moment.
       beta2: decay rate of the second moment.
       eps: added to the denominator.
       weight_decay: L2 penalty (or AdamW's decay with ``decoupled_weight_decay=True``).
-      **options: any other :class:`AdamConfig` field: ``decoupled_weight_decay``, ``amsgrad``,
+      **options: any other `AdamConfig` field: ``decoupled_weight_decay``, ``amsgrad``,
         ``maximize``, ``nonfinite``.
 
     Raises:
-      ValueError, TypeError: as :class:`AdamConfig` for invalid hyperparameters.
+      ValueError, TypeError: as `AdamConfig` for invalid hyperparameters.
 
     Examples:
       >>> import numpy as np
@@ -179,7 +179,7 @@ class Adam:
 
     @property
     def config(self) -> AdamConfig:
-        """The hyperparameters, an immutable :class:`AdamConfig`."""
+        """The hyperparameters, an immutable `AdamConfig`."""
         return self._config
 
     @property
@@ -340,7 +340,7 @@ class Adam:
     # Snapshots, state dicts and pickling.
 
     def get_state(self, array: np.ndarray) -> AdamState:
-        """Returns a snapshot of the state of ``array`` as an immutable :class:`AdamState`.
+        """Returns a snapshot of the state of ``array`` as an immutable `AdamState`.
 
         Raises:
           KeyError: ``array`` has not been stepped by this optimizer.
