@@ -120,7 +120,7 @@ def run_leaf(
     # NaN and infinity only reach the arithmetic when asked to propagate, and then warnings (or
     # errors, under np.seterr(all="raise")) would only interrupt a step half-way.
     with np.errstate(all="ignore"):
-        _kernels.adam_leaf(
+        _kernels.leaf_kernel()(
             p.reshape(-1),
             g.reshape(-1),
             m.reshape(-1),

@@ -1,0 +1,188 @@
+"""Every backend and both memory policies give bit-for-bit the results of the NumPy kernel."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from adam_functional import Adam, AdamConfig, _kernels, adam_init, adam_update, backend
+
+BACKENDS = ["numpy"]
+try:
+    from adam_functional import _numba
+
+    BACKENDS.append("numba")
+except ImportError:  # the optional extra is not installed
+    _numba = None
+
+CONFIGS = [
+    AdamConfig(lr=0.01),
+    AdamConfig(lr=0.01, weight_decay=0.1),
+    AdamConfig(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    AdamConfig(lr=0.01, amsgrad=True),
+    AdamConfig(lr=0.01, maximize=True, weight_decay=0.05),
+    AdamConfig(lr=0.3, beta1=0.0, beta2=0.5, eps=0.0, amsgrad=True, maximize=True),
+]
+B = _kernels.BLOCK_SIZE
+SIZES = [0, 1, 7, B - 1, B, B + 1, 3 * B + 5]
+
+
+def _kernel(name):
+    return _kernels.adam_leaf if name == "numpy" else _numba.adam_leaf
+
+
+def _case(rng, n, dtype, config, t):
+    p = rng.standard_normal(n).astype(dtype)
+    g = rng.standard_normal(n).astype(dtype)
+    m = (0.1 * rng.standard_normal(n)).astype(dtype)
+    v = np.abs(0.1 * rng.standard_normal(n)).astype(dtype)
+    v_max = (v + np.abs(rng.standard_normal(n)) * (rng.random(n) < 0.5)).astype(dtype)
+    return p, g, m, v, (v_max if config.amsgrad else None), _kernels.coefficients(config, t)
+
+
+def _fresh(p, v_max):
+    outs = [np.empty_like(p) for _ in range(3)]
+    return [*outs, None if v_max is None else np.empty_like(p)]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        if x is None:
+            assert y is None
+            continue
+        assert x.dtype == y.dtype
+        # NaN is NaN: its sign and payload depend on the instruction that made it.
+        nan = np.isnan(x)
+        np.testing.assert_array_equal(nan, np.isnan(y))
+        assert x[~nan].tobytes() == y[~nan].tobytes(), "results differ in their bits"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+def test_backends_and_memory_policies_agree_bit_for_bit(name, dtype, config):
+    rng = np.random.default_rng(0)
+    for n in SIZES:
+        p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=3)
+        expected = _fresh(p, v_max)
+        _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
+        fresh = _fresh(p, v_max)
+        _kernel(name)(p, g, m, v, v_max, c, *fresh)
+        _assert_same(expected, fresh)
+        # In place (donation): outputs are the inputs.
+        p2, m2, v2 = p.copy(), m.copy(), v.copy()
+        vm2 = None if v_max is None else v_max.copy()
+        _kernel(name)(p2, g, m2, v2, vm2, c, p2, m2, v2, vm2)
+        _assert_same(expected, [p2, m2, v2, vm2])
+
+
+@pytest.mark.skipif(
+    _numba is None, reason="numba is not installed (pip install 'adam-functional[numba]')"
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_parallel_path_agrees(dtype):
+    rng = np.random.default_rng(1)
+    n = _numba.PARALLEL_THRESHOLD + 12345
+    for config in (CONFIGS[0], CONFIGS[3], CONFIGS[2]):
+        p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=10**6)
+        expected, got = _fresh(p, v_max), _fresh(p, v_max)
+        _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
+        _numba.adam_leaf(p, g, m, v, v_max, c, *got)
+        _assert_same(expected, got)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_special_values_agree(name):
+    values = np.array([0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, np.nan, np.inf, -np.inf, 1.0])
+    for p, g in itertools.product([values], [values, values[::-1].copy()]):
+        for config in CONFIGS:
+            m = np.abs(values[::-1]).copy()
+            v = np.abs(values).copy()
+            v_max = v.copy() if config.amsgrad else None
+            c = _kernels.coefficients(config, 2)
+            expected, got = _fresh(p, v_max), _fresh(p, v_max)
+            with np.errstate(all="ignore"):
+                _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
+                _kernel(name)(p, g, m, v, v_max, c, *got)
+            _assert_same(expected, got)
+
+
+def test_pure_and_in_place_agree_on_non_contiguous_and_fortran_inputs():
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((40, 30))
+    layouts = {
+        "strided": base[::2, ::3],
+        "fortran": np.asfortranarray(base[:20, :10]),
+        "negative": base[::-1, ::-2],
+    }
+    config = AdamConfig(lr=0.05, amsgrad=True)
+    for layout, params in layouts.items():
+        grads = rng.standard_normal(params.shape)
+        contiguous = np.ascontiguousarray(params)
+        a, sa = adam_update(params, grads, adam_init(params, config), config)
+        b, sb = adam_update(
+            contiguous, np.asfortranarray(grads), adam_init(contiguous, config), config
+        )
+        np.testing.assert_array_equal(a, b, err_msg=layout)
+        assert sa == sb
+        in_place = params.copy(order="K") if layout != "negative" else base.copy()[::-1, ::-2]
+        Adam.from_config(config).step(in_place, grads)
+        np.testing.assert_array_equal(in_place, a, err_msg=layout)
+
+
+def test_backend_reports_the_active_one():
+    assert backend() in ("numpy", "numba")
+    if _numba is not None and not os.environ.get("ADAM_FUNCTIONAL_BACKEND"):
+        assert backend() == "numba"
+
+
+def _run_with(env_value, hide_numba=False):
+    code = (
+        "import sys\n"
+        + ("sys.modules['numba'] = None\n" if hide_numba else "")
+        + "import adam_functional, numpy\n"
+        "print(adam_functional.backend())\n"
+        "W = numpy.ones(3); adam_functional.Adam(lr=0.5, eps=0.0).step(W, numpy.ones(3)); print(W[0])\n"
+    )
+    env = {**os.environ, "ADAM_FUNCTIONAL_BACKEND": env_value}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_the_environment_variable_forces_numpy():
+    result = _run_with("numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numpy", "0.5"]
+
+
+def test_forcing_numba_without_it_is_a_clear_error():
+    result = _run_with("numba", hide_numba=True)
+    assert result.returncode != 0
+    assert (
+        "ImportError: ADAM_FUNCTIONAL_BACKEND=numba, but numba cannot be imported" in result.stderr
+    )
+    assert 'pip install "adam-functional[numba]"' in result.stderr
+
+
+def test_an_unknown_backend_is_a_clear_error():
+    result = _run_with("cuda")
+    assert result.returncode != 0
+    assert (
+        "ValueError: ADAM_FUNCTIONAL_BACKEND: expected one of numpy, numba, got 'cuda'"
+        in result.stderr
+    )
+
+
+@pytest.mark.skipif(
+    _numba is None, reason="numba is not installed (pip install 'adam-functional[numba]')"
+)
+def test_the_environment_variable_forces_numba():
+    result = _run_with("numba")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numba", "0.5"]
