@@ -3,8 +3,9 @@
 One pass per array reads ``p``, ``g``, ``m``, ``v`` once and writes the results once, in parallel
 over cores for large arrays. The operations and their order are those of the NumPy kernel, with
 no ``fastmath`` (which would let LLVM reassociate and fuse them), and NumPy's error model
-(division by zero gives inf or NaN rather than raising), so the results are bit-for-bit the same. float32 and float64 run here; other dtypes (float16, longdouble, or gradients of
-another dtype than the parameters) take the NumPy kernel.
+(division by zero gives inf or NaN rather than raising), so the results are bit-for-bit the
+same. float32 and float64 run here; other dtypes (float16, longdouble, or gradients of another
+dtype than the parameters) take the NumPy kernel.
 
 Compiled code is cached on disk (``cache=True``) where numba finds a writable place for it.
 """

@@ -89,6 +89,20 @@ def _flag(name: str) -> Any:
     return convert
 
 
+def _max_consecutive_skips(value: Any) -> int | None:
+    if value is None:
+        return None
+    expected = "None or an int >= 0"
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"AdamConfig.max_consecutive_skips: expected {expected}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    if value < 0:
+        raise ValueError(f"AdamConfig.max_consecutive_skips: expected {expected}, got {value!r}")
+    return int(value)
+
+
 def _nonfinite(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(
@@ -162,6 +176,10 @@ class AdamConfig:
         ``FloatingPointError`` naming the leaf (the default), ``"skip"`` the step (parameters and
         moments unchanged, ``t`` not advanced, ``AdamState.skipped`` counts it), or
         ``"propagate"`` the values into the parameters as the plain formula does.
+      max_consecutive_skips: with ``nonfinite="skip"``, the most steps in a row that may be
+        skipped; the next non-finite gradient raises ``FloatingPointError`` instead, so that a run
+        whose gradients stay broken stops rather than skipping forever. ``None`` (the default)
+        sets no bound.
 
     Raises:
       ValueError: a value is out of range (a negative, infinite or NaN ``lr``, ``eps`` or
@@ -171,7 +189,8 @@ class AdamConfig:
     Examples:
       >>> AdamConfig(lr=1e-2)
       AdamConfig(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-08, weight_decay=0.0, \
-decoupled_weight_decay=False, amsgrad=False, maximize=False, nonfinite='raise')
+decoupled_weight_decay=False, amsgrad=False, maximize=False, nonfinite='raise', \
+max_consecutive_skips=None)
       >>> AdamConfig(lr=-1.0)
       Traceback (most recent call last):
       ...
@@ -189,6 +208,9 @@ decoupled_weight_decay=False, amsgrad=False, maximize=False, nonfinite='raise')
     amsgrad: bool = attrs.field(default=False, kw_only=True, converter=_to_amsgrad)
     maximize: bool = attrs.field(default=False, kw_only=True, converter=_to_maximize)
     nonfinite: NonFinitePolicy = attrs.field(default="raise", kw_only=True, converter=_nonfinite)
+    max_consecutive_skips: int | None = attrs.field(
+        default=None, kw_only=True, converter=_max_consecutive_skips
+    )
 
     def learning_rate(self, t: int) -> float:
         """Returns the learning rate of step ``t`` (1-based), checked to be finite and >= 0.
@@ -312,6 +334,10 @@ def _to_skipped(value: Any) -> int:
     return _count("skipped")(value)  # type: ignore[no-any-return]
 
 
+def _to_consecutive_skips(value: Any) -> int:
+    return _count("consecutive_skips")(value)  # type: ignore[no-any-return]
+
+
 _TREE_EQ = attrs.cmp_using(eq=_tree_equal)
 
 
@@ -333,7 +359,8 @@ class AdamState:
       t: the number of steps taken, a Python ``int``: exact for any number of steps (torch keeps
         a float32 tensor, optax a saturating int32).
       v_max: with AMSGrad, the elementwise maximum of every ``v`` so far; else ``None``.
-      skipped: how many steps ``nonfinite="skip"`` has skipped.
+      skipped: how many steps ``nonfinite="skip"`` has skipped in all.
+      consecutive_skips: how many of them came in a row just before now; a step taken resets it.
 
     Raises:
       TypeError: a leaf is not a floating-point NumPy array, or a count is not an int.
@@ -344,7 +371,7 @@ class AdamState:
       >>> import numpy as np
       >>> state = AdamState(m=np.zeros(3), v=np.zeros(3), t=0)
       >>> state
-      AdamState(t=0, skipped=0, m=float64[3], v=float64[3], v_max=None)
+      AdamState(t=0, skipped=0, consecutive_skips=0, m=float64[3], v=float64[3], v_max=None)
       >>> state.m.flags.writeable
       False
     """
@@ -354,6 +381,7 @@ class AdamState:
     t: int = attrs.field(converter=_to_t)
     v_max: Any = attrs.field(default=None, eq=_TREE_EQ, converter=_to_v_max)
     skipped: int = attrs.field(default=0, converter=_to_skipped)
+    consecutive_skips: int = attrs.field(default=0, converter=_to_consecutive_skips)
 
     def __attrs_post_init__(self) -> None:
         m_leaves, m_def = _tree.flatten(self.m, "AdamState.m")
@@ -371,7 +399,9 @@ class AdamState:
                     )
 
     @classmethod
-    def _trusted(cls, m: Any, v: Any, t: int, v_max: Any, skipped: int) -> AdamState:
+    def _trusted(
+        cls, m: Any, v: Any, t: int, v_max: Any, skipped: int, consecutive_skips: int
+    ) -> AdamState:
         """Makes a state from values the update has just made read-only, skipping the checks."""
         state = object.__new__(cls)
         object.__setattr__(state, "m", m)
@@ -379,16 +409,18 @@ class AdamState:
         object.__setattr__(state, "t", t)
         object.__setattr__(state, "v_max", v_max)
         object.__setattr__(state, "skipped", skipped)
+        object.__setattr__(state, "consecutive_skips", consecutive_skips)
         return state
 
     def __repr__(self) -> str:
         return (
-            f"AdamState(t={self.t}, skipped={self.skipped}, m={_tree_repr(self.m)}, "
+            f"AdamState(t={self.t}, skipped={self.skipped}, "
+            f"consecutive_skips={self.consecutive_skips}, m={_tree_repr(self.m)}, "
             f"v={_tree_repr(self.v)}, v_max={_tree_repr(self.v_max)})"
         )
 
     def __reduce__(self) -> tuple[Any, ...]:
-        fields = {name: getattr(self, name) for name in ("m", "v", "t", "v_max", "skipped")}
+        fields = {field.name: getattr(self, field.name) for field in attrs.fields(AdamState)}
         return (_unpickle, (AdamState, PICKLE_VERSION, fields))
 
     @classmethod

@@ -87,13 +87,29 @@ def find_nonfinite(grads: Sequence[np.ndarray]) -> tuple[int, int] | None:
     return None
 
 
-def nonfinite_error(g: np.ndarray, count: int, path: str) -> FloatingPointError:
+def may_skip(config: AdamConfig, streak: int) -> bool:
+    """Whether a step with non-finite gradients may be skipped as the ``streak``-th in a row."""
+    if config.nonfinite != "skip":
+        return False
+    return config.max_consecutive_skips is None or streak <= config.max_consecutive_skips
+
+
+def nonfinite_error(
+    g: np.ndarray, count: int, path: str, config: AdamConfig, streak: int
+) -> FloatingPointError:
     """The error for a gradient with ``count`` non-finite values, naming its path and the first."""
     first = np.unravel_index(int(np.argmin(np.isfinite(g).reshape(-1))), g.shape) if g.ndim else ()
+    if config.nonfinite == "skip":
+        advice = (
+            f"it would be skip {streak} in a row, more than "
+            f"AdamConfig.max_consecutive_skips={config.max_consecutive_skips}"
+        )
+    else:
+        advice = "AdamConfig(nonfinite='skip') skips such steps"
     return FloatingPointError(
         f"{path}: expected finite gradients, got {count} NaN or infinite value"
         f"{'' if count == 1 else 's'} of {g.size} (first at index {tuple(map(int, first))}: "
-        f"{g[first].item()}); nothing was changed. AdamConfig(nonfinite='skip') skips such steps"
+        f"{g[first].item()}); nothing was changed. {advice}"
     )
 
 
@@ -165,7 +181,7 @@ def adam_init(params: Any, config: AdamConfig | None = None) -> AdamState:
     Examples:
       >>> import numpy as np
       >>> adam_init({"w": np.ones((2, 3)), "b": np.zeros(3, np.float32)})
-      AdamState(t=0, skipped=0, m={'w': float64[2, 3], 'b': float32[3]}, \
+      AdamState(t=0, skipped=0, consecutive_skips=0, m={'w': float64[2, 3], 'b': float32[3]}, \
 v={'w': float64[2, 3], 'b': float32[3]}, v_max=None)
     """
     if config is None:
@@ -177,7 +193,7 @@ v={'w': float64[2, 3], 'b': float32[3]}, v_max=None)
     def zeros() -> Any:
         return _tree.unflatten(treedef, [_frozen_zeros(leaf) for leaf in leaves])
 
-    return AdamState._trusted(zeros(), zeros(), 0, zeros() if config.amsgrad else None, 0)
+    return AdamState._trusted(zeros(), zeros(), 0, zeros() if config.amsgrad else None, 0, 0)
 
 
 def adam_update(
@@ -267,11 +283,12 @@ def adam_update(
         bad = find_nonfinite(grads_arrays)
         if bad is not None:
             index, count = bad
-            if config.nonfinite == "raise":
-                raise nonfinite_error(grads_arrays[index], count, g_paths[index])
+            streak = state.consecutive_skips + 1
+            if not may_skip(config, streak):
+                raise nonfinite_error(grads_arrays[index], count, g_paths[index], config, streak)
             copies = _tree.unflatten(treedef, [np.array(p, copy=True) for p in p_leaves])
             return copies, AdamState._trusted(
-                state.m, state.v, state.t, state.v_max, state.skipped + 1
+                state.m, state.v, state.t, state.v_max, state.skipped + 1, streak
             )
 
     t = state.t + 1
@@ -298,4 +315,5 @@ def adam_update(
         t,
         _tree.unflatten(treedef, new_vm) if config.amsgrad else None,
         state.skipped,
+        0,
     )

@@ -24,6 +24,7 @@ from adam_functional._update import (
     as_grad,
     check_params,
     find_nonfinite,
+    may_skip,
     nonfinite_error,
     run_leaf,
 )
@@ -35,10 +36,14 @@ STATE_DICT_FORMAT = "adam_functional.Adam"
 STATE_DICT_VERSION = 1
 
 
-class _Slot:
-    """The state of one array: buffers the wrapper owns and writes in place."""
+#: The integer counters of a state, as in `AdamState`.
+_COUNTS = ("t", "skipped", "consecutive_skips")
 
-    __slots__ = ("m", "rank", "ref", "restored", "skipped", "t", "v", "v_max")
+
+class _Slot:
+    """The state of one array: buffers the wrapper owns and writes in place, and its counters."""
+
+    __slots__ = (*_COUNTS, "m", "rank", "ref", "restored", "v", "v_max")
 
     def __init__(
         self,
@@ -47,12 +52,14 @@ class _Slot:
         v_max: np.ndarray | None,
         t: int = 0,
         skipped: int = 0,
+        consecutive_skips: int = 0,
     ) -> None:
         self.m = m
         self.v = v
         self.v_max = v_max
         self.t = t
         self.skipped = skipped
+        self.consecutive_skips = consecutive_skips
         self.ref: weakref.ref[np.ndarray] | None = None
         # A slot restored from a checkpoint whose array is gone waits for the next new array
         # (see Adam.load_state_dict) instead of being dropped, in its place (rank) in the
@@ -73,6 +80,13 @@ class _Slot:
 
     def buffers(self) -> tuple[np.ndarray, ...]:
         return (self.m, self.v) if self.v_max is None else (self.m, self.v, self.v_max)
+
+    def fields(self) -> dict[str, Any]:
+        """The state as a dict of `AdamState`'s fields (the arrays themselves, not copies)."""
+        return {"m": self.m, "v": self.v, "v_max": self.v_max, **self.counts()}
+
+    def counts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in _COUNTS}
 
 
 class _StateView(Mapping[int, Any]):
@@ -245,10 +259,14 @@ class Adam:
             bad = find_nonfinite(grads_arrays)
             if bad is not None:
                 index, count = bad
-                if config.nonfinite == "raise":
-                    raise nonfinite_error(grads_arrays[index], count, g_paths[index])
+                streak = max(slot.consecutive_skips for slot in slots) + 1
+                if not may_skip(config, streak):
+                    raise nonfinite_error(
+                        grads_arrays[index], count, g_paths[index], config, streak
+                    )
                 for slot in slots:
                     slot.skipped += 1
+                    slot.consecutive_skips += 1
                 self._register(p_leaves, slots, fresh)
                 return
 
@@ -265,6 +283,7 @@ class Adam:
                 grads_arrays[index] = g = np.array(g, copy=True)
             slot.t += 1
             run_leaf(p, g, slot.m, slot.v, slot.v_max, by_t[slot.t], p, slot.m, slot.v, slot.v_max)
+            slot.consecutive_skips = 0
             slot.restored = False
         self._register(p_leaves, slots, fresh)
 
@@ -348,7 +367,7 @@ class Adam:
         slot = self._live_slot(array)
         if slot is None:
             raise KeyError(f"array: not stepped by this optimizer (id {id(array)})")
-        return AdamState(slot.m, slot.v, slot.t, slot.v_max, slot.skipped)
+        return AdamState(**slot.fields())
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the optimizer's state as plain data: dicts, lists, arrays and Python scalars.
@@ -362,7 +381,10 @@ class Adam:
           TypeError: the learning rate is a custom callable, which is not plain data.
         """
         lr = self._config.lr
-        config = attrs.asdict(self._config, recurse=False)
+        # A field left at None is left out (np.savez cannot store None); loading restores it.
+        config = {
+            k: v for k, v in attrs.asdict(self._config, recurse=False).items() if v is not None
+        }
         if not isinstance(lr, float):
             try:
                 config["lr"] = schedules.to_dict(lr)
@@ -375,13 +397,10 @@ class Adam:
         entries = []
         for slot in [*self._slots.values(), *self._pending]:
             entry: dict[str, Any] = {
-                "t": slot.t,
-                "skipped": slot.skipped,
-                "m": slot.m.copy(),
-                "v": slot.v.copy(),
+                name: value.copy() if isinstance(value, np.ndarray) else value
+                for name, value in slot.fields().items()
+                if value is not None
             }
-            if slot.v_max is not None:
-                entry["v_max"] = slot.v_max.copy()
             entries.append(entry)
         return {
             "format": STATE_DICT_FORMAT,
@@ -421,25 +440,25 @@ class Adam:
                 )
         self._config = config
         for (_, old), new in zip(live, slots):
-            old.m, old.v, old.v_max = new.m, new.v, new.v_max
-            old.t, old.skipped = new.t, new.skipped
+            for name, value in new.fields().items():
+                setattr(old, name, value)
         self._pending = slots[len(live) :]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        bound = [
-            (slot.ref(), slot.m, slot.v, slot.v_max, slot.t, slot.skipped)
-            for slot in self._slots.values()
-            if slot.ref is not None
+        # Each slot with its array (None for one waiting to be claimed), in first-step order.
+        slots = [
+            {"array": slot.ref() if slot.ref is not None else None, **slot.fields()}
+            for slot in [*self._slots.values(), *self._pending]
         ]
-        pending = [(None, s.m, s.v, s.v_max, s.t, s.skipped) for s in self._pending]
-        fields = {"config": self._config, "slots": bound + pending}
-        return (_unpickle, (Adam, PICKLE_VERSION, fields))
+        return (_unpickle, (Adam, PICKLE_VERSION, {"config": self._config, "slots": slots}))
 
     @classmethod
     def _from_pickle(cls, fields: dict[str, Any]) -> Adam:
         adam = cls.from_config(fields["config"])
-        for rank, (array, m, v, v_max, t, skipped) in enumerate(fields["slots"]):
-            slot = _Slot(m, v, v_max, t, skipped)
+        for rank, entry in enumerate(fields["slots"]):
+            entry = dict(entry)
+            array = entry.pop("array")
+            slot = _Slot(**entry)
             slot.restored = True
             slot.rank = rank
             if array is None:
@@ -477,6 +496,7 @@ def _scalar(value: Any, where: str, kind: type) -> Any:
 
 
 _FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize")
+_OPTIONAL_INTS = ("max_consecutive_skips",)
 
 
 def _unwrap_scalars(value: Any) -> Any:
@@ -508,9 +528,12 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
     raw_config = state_dict["config"]
     if not isinstance(raw_config, Mapping):
         raise TypeError(f"state_dict['config']: expected a dict, got {type(raw_config).__name__}")
-    fields = {}
+    fields: dict[str, Any] = {}
     for field in attrs.fields(AdamConfig):
         if field.name not in raw_config:
+            if field.name in _OPTIONAL_INTS:
+                fields[field.name] = None
+                continue
             raise ValueError(f"state_dict['config']: expected the key {field.name!r}")
         value = raw_config[field.name]
         where = f"state_dict['config'][{field.name!r}]"
@@ -520,6 +543,8 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
             value = _scalar(value, where, str)
         elif field.name in _FLAGS:
             value = _scalar(value, where, bool)
+        elif field.name in _OPTIONAL_INTS:
+            value = None if value is None else _scalar(value, where, int)
         else:
             value = _scalar(value, where, float)
         fields[field.name] = value
@@ -534,7 +559,7 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
         if not isinstance(entry, Mapping):
             raise TypeError(f"{where}: expected a dict, got {type(entry).__name__}")
         names = ("m", "v", "v_max") if config.amsgrad else ("m", "v")
-        for name in (*names, "t", "skipped"):
+        for name in (*names, *_COUNTS):
             if name not in entry:
                 raise ValueError(f"{where}: expected the key {name!r}, got keys {list(entry)}")
         if not config.amsgrad and "v_max" in entry:
@@ -553,11 +578,11 @@ def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_
                     f"{arrays[0].shape} like 'm', got dtype {array.dtype} and shape {array.shape}"
                 )
             arrays.append(np.array(array, copy=True, order="C"))
-        counts = [_scalar(entry[name], f"{where}[{name!r}]", int) for name in ("t", "skipped")]
-        for name, count in zip(("t", "skipped"), counts):
+        counts = {name: _scalar(entry[name], f"{where}[{name!r}]", int) for name in _COUNTS}
+        for name, count in counts.items():
             if count < 0:
                 raise ValueError(f"{where}[{name!r}]: expected an int >= 0, got {count}")
-        slot = _Slot(arrays[0], arrays[1], arrays[2] if config.amsgrad else None, *counts)
+        slot = _Slot(arrays[0], arrays[1], arrays[2] if config.amsgrad else None, **counts)
         slot.restored = True
         slot.rank = position
         slots.append(slot)

@@ -40,6 +40,11 @@ def test_config_flags_are_keyword_only():
         ("beta2", math.nan, r"AdamConfig.beta2: expected a number in \[0, 1\), got nan"),
         ("beta2", 1.5, r"AdamConfig.beta2: expected a number in \[0, 1\), got 1.5"),
         ("nonfinite", "ignore", r"AdamConfig.nonfinite: expected one of 'raise', 'skip', "),
+        (
+            "max_consecutive_skips",
+            -1,
+            r"AdamConfig.max_consecutive_skips: expected None or an int >= 0, got -1",
+        ),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):
@@ -58,6 +63,11 @@ def test_config_rejects_bad_values(field, value, message):
         ("maximize", "yes", r"AdamConfig.maximize: expected True or False, got str 'yes'"),
         ("decoupled_weight_decay", None, r"AdamConfig.decoupled_weight_decay: expected True"),
         ("nonfinite", 0, r"AdamConfig.nonfinite: expected one of .* got int 0"),
+        (
+            "max_consecutive_skips",
+            2.0,
+            r"AdamConfig.max_consecutive_skips: expected None or an int >= 0, got float 2.0",
+        ),
     ],
 )
 def test_config_rejects_wrong_types(field, value, message):
@@ -217,8 +227,8 @@ def test_state_repr_is_short():
     state = AdamState(m={"w": np.zeros((300, 200))}, v={"w": np.zeros((300, 200))}, t=3)
     text = repr(state)
     assert text == (
-        "AdamState(t=3, skipped=0, m={'w': float64[300, 200]}, v={'w': float64[300, 200]}, "
-        "v_max=None)"
+        "AdamState(t=3, skipped=0, consecutive_skips=0, m={'w': float64[300, 200]}, "
+        "v={'w': float64[300, 200]}, v_max=None)"
     )
 
 

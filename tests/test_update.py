@@ -161,3 +161,38 @@ def test_maximize_climbs():
     for _ in range(500):
         x, state = adam_update(x, -(x - np.array([1.0, -2.0])), state, config)  # grad of -|x-c|^2/2
     np.testing.assert_allclose(x, [1.0, -2.0], atol=1e-2)
+
+
+def test_consecutive_skips_are_bounded():
+    params = np.ones(2)
+    config = AdamConfig(lr=0.1, nonfinite="skip", max_consecutive_skips=2)
+    bad, good = np.array([np.nan, 0.0]), np.ones(2)
+    state = adam_init(params)
+    params, state = adam_update(params, bad, state, config)
+    params, state = adam_update(params, bad, state, config)
+    assert (state.skipped, state.consecutive_skips, state.t) == (2, 2, 0)
+    with pytest.raises(
+        FloatingPointError,
+        match=r"grads: expected finite gradients, got 1 NaN or infinite value of 2 .* nothing was "
+        r"changed. it would be skip 3 in a row, more than AdamConfig.max_consecutive_skips=2",
+    ):
+        adam_update(params, bad, state, config)
+    params, state = adam_update(params, good, state, config)
+    assert (state.skipped, state.consecutive_skips, state.t) == (2, 0, 1)
+    params, state = adam_update(params, bad, state, config)
+    assert (state.skipped, state.consecutive_skips) == (3, 1)
+
+
+def test_consecutive_skips_are_bounded_in_place():
+    from adam_functional import Adam
+
+    W = np.ones(2)
+    opt = Adam(lr=0.1, nonfinite="skip", max_consecutive_skips=1)
+    opt.step(W, np.array([np.inf, 0.0]))
+    with pytest.raises(
+        FloatingPointError, match=r"skip 2 in a row, more than AdamConfig.max_consecutive_skips=1"
+    ):
+        opt.step(W, np.array([np.inf, 0.0]))
+    assert opt.get_state(W).consecutive_skips == 1
+    opt.step(W, np.ones(2))
+    assert opt.get_state(W).consecutive_skips == 0 and opt.t[id(W)] == 1
