@@ -13,16 +13,22 @@ bit-for-bit those of the notebook's class. float16 is computed in float32: NumPy
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from adam_functional._records import AdamConfig
 
-__all__ = ["BLOCK_SIZE", "Coefficients", "adam_leaf", "coefficients", "count_nonfinite"]
+__all__ = [
+    "BLOCK_SIZE",
+    "Coefficients",
+    "adam_leaf",
+    "backend",
+    "coefficients",
+    "gradient_problem",
+]
 
 #: Elements per block. Seven block-sized operands and three temporaries of float64 take 640 KiB,
 #: which stays in a core's L2 cache, while a block is long enough that NumPy's per-call overhead
@@ -55,27 +61,35 @@ def coefficients(config: AdamConfig, t: int) -> Coefficients:
     where a float32 power would round ``1 - beta2 ** t`` to 0 for small ``t``.
     """
     lr = config.learning_rate(t)
+    beta1, beta2, weight_decay = config.beta1, config.beta2, config.weight_decay
     decoupled = config.decoupled_weight_decay
+    # Positional: this runs once per step, and keyword construction costs a microsecond.
     return Coefficients(
-        lr=lr,
-        beta1=config.beta1,
-        one_minus_beta1=1.0 - config.beta1,
-        beta2=config.beta2,
-        one_minus_beta2=1.0 - config.beta2,
-        bias_correction1=1.0 - config.beta1**t,
-        bias_correction2=1.0 - config.beta2**t,
-        eps=config.eps,
+        lr,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        1.0 - beta1**t,
+        1.0 - beta2**t,
+        config.eps,
         # The notebook applies L2 only when weight_decay > 0; keep that test, not "!= 0".
-        l2=config.weight_decay if (config.weight_decay > 0 and not decoupled) else 0.0,
-        decay=1.0 - lr * config.weight_decay if decoupled else None,
-        maximize=config.maximize,
-        amsgrad=config.amsgrad,
+        weight_decay if (weight_decay > 0 and not decoupled) else 0.0,
+        1.0 - lr * weight_decay if decoupled else None,
+        config.maximize,
+        config.amsgrad,
     )
+
+
+_WORK_DTYPES: dict[np.dtype, np.dtype] = {}
 
 
 def work_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype a step computes in: the parameters' own, but float32 for float16."""
-    return np.promote_types(dtype, np.float32)
+    work = _WORK_DTYPES.get(dtype)
+    if work is None:
+        work = _WORK_DTYPES[dtype] = np.promote_types(dtype, np.float32)
+    return work
 
 
 def adam_leaf(
@@ -92,10 +106,11 @@ def adam_leaf(
 ) -> None:
     """Computes one Adam step for one array, writing the results into the ``out_`` arrays.
 
-    All arrays are one-dimensional and of one length. ``p``, ``m``, ``v``, ``v_max`` and the
-    outputs have the parameters' dtype; ``g`` may have any real dtype. An output may be the same
-    array as the input it replaces (``out_m is m``), which is how the wrapper updates in place;
-    no other overlap is allowed.
+    All arrays have the parameter's shape. ``p``, ``m``, ``v``, ``v_max`` and the outputs have
+    the parameter's dtype; ``g`` may have any real dtype. The outputs for the moments are
+    C-contiguous; ``p``, ``g`` and ``out_p`` may have any layout. An output may be the same array
+    as the input it replaces (``out_m is m``), which is how the wrapper updates in place; no other
+    overlap is allowed.
 
     Per element, with ``g`` negated when maximizing::
 
@@ -106,21 +121,65 @@ def adam_leaf(
         v_max = max(v_max, v)               (AMSGrad, when on; then v_hat uses v_max)
         p = p - lr * (m / bc1) / (sqrt(v / bc2) + eps)
     """
-    n = p.shape[0]
     work = work_dtype(p.dtype)
-    cast = p.dtype != work
-    size = min(n, BLOCK_SIZE)
-    t1 = np.empty(size, work)
-    t2 = np.empty(size, work)
     transform_g = g.dtype != work or c.maximize or c.l2 != 0.0
+    if p.size <= BLOCK_SIZE and p.dtype == work:
+        # One block: ufuncs take the arrays as they are, whatever their layout, no reshaping.
+        shape = p.shape
+        gw = np.empty(shape, work) if transform_g else None
+        t1, t2 = np.empty(shape, work), np.empty(shape, work)
+        _block(p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max, t1, t2, gw)
+        return
+    # Blocks walk flat arrays: reshape(-1) is a view of a C-contiguous array and a C-ordered
+    # copy of any other, so that every array is walked in the same order.
+    direct = out_p.flags.c_contiguous
+    flat_out_p = out_p.reshape(-1) if direct else np.empty(out_p.size, out_p.dtype)
+    _blocks(
+        p.reshape(-1),
+        g.reshape(-1),
+        m.reshape(-1),
+        v.reshape(-1),
+        None if v_max is None else v_max.reshape(-1),
+        c,
+        flat_out_p,
+        out_m.reshape(-1),
+        out_v.reshape(-1),
+        None if out_v_max is None else out_v_max.reshape(-1),
+        work,
+        transform_g,
+    )
+    if not direct:
+        out_p[...] = flat_out_p.reshape(out_p.shape)
+
+
+def _blocks(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    v_max: np.ndarray | None,
+    c: Coefficients,
+    out_p: np.ndarray,
+    out_m: np.ndarray,
+    out_v: np.ndarray,
+    out_v_max: np.ndarray | None,
+    work: np.dtype,
+    transform_g: bool,
+) -> None:
+    # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache.
+    n = p.shape[0]
+    size = min(n, BLOCK_SIZE)
+    t1, t2 = np.empty(size, work), np.empty(size, work)
     gw = np.empty(size, work) if transform_g else None
     # Parameters, moments and their outputs are loaded into these when the storage dtype is
     # narrower than the work dtype (float16); otherwise the kernel works on the arrays directly.
+    cast = p.dtype != work
     staged = [np.empty(size, work) for _ in range(4 if c.amsgrad else 3)] if cast else None
 
     for start in range(0, n, BLOCK_SIZE):
         stop = min(start + BLOCK_SIZE, n)
         k = stop - start
+        gwb = None if gw is None else gw[:k]
         pb, gb, mb, vb = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
         opb, omb, ovb = out_p[start:stop], out_m[start:stop], out_v[start:stop]
         vmb = v_max[start:stop] if v_max is not None else None
@@ -134,14 +193,14 @@ def adam_leaf(
             if vmb is not None:
                 svm = staged[3][:k]
                 np.copyto(svm, vmb)
-            _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gw)
+            _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gwb)
             np.copyto(opb, sp, casting="same_kind")
             np.copyto(omb, sm, casting="same_kind")
             np.copyto(ovb, sv, casting="same_kind")
             if ovmb is not None and svm is not None:
                 np.copyto(ovmb, svm, casting="same_kind")
         else:
-            _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gw)
+            _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gwb)
 
 
 def _block(
@@ -159,10 +218,10 @@ def _block(
     t2: np.ndarray,
     gw: np.ndarray | None,
 ) -> None:
-    # One block, all operands of the work dtype except g. Each line is one of the notebook's
-    # operations with the same operands in the same order, so the rounding is the same.
+    # One block, all operands of one shape and of the work dtype except g. Each line is one of
+    # the notebook's operations with the same operands in the same order, so the rounding is the
+    # same.
     if gw is not None:
-        gw = gw[: t1.shape[0]]
         if c.maximize:
             np.negative(g, out=gw, casting="same_kind")
         else:
@@ -195,22 +254,67 @@ def _block(
     np.subtract(p, t1, out=out_p)
 
 
-def count_nonfinite(g: np.ndarray) -> int:
-    """Returns how many elements of ``g`` are NaN or infinite, cheaply when there are none.
+_SQUARE_LIMITS: dict[np.dtype, np.floating[Any]] = {}
 
-    A sum of finite numbers is finite unless it overflows, and any NaN or infinity makes the sum
-    non-finite, so one summation (no allocation, one read) clears the common case. Only a
-    non-finite sum pays for the elementwise count, in blocks.
+
+def _square_limit(dtype: np.dtype) -> np.floating[Any]:
+    """The largest magnitude whose square is finite in the work dtype of ``dtype``.
+
+    A scalar of the work dtype, not a Python float: compared with a gradient's values it then
+    promotes them instead of being rounded to their dtype (float16 cannot hold float32's limit),
+    and longdouble's limit does not overflow float64.
+    """
+    limit = _SQUARE_LIMITS.get(dtype)
+    if limit is None:
+        work = work_dtype(dtype)
+        limit = _SQUARE_LIMITS[dtype] = np.sqrt(np.finfo(work).max)
+    return limit
+
+
+def gradient_problem(g: np.ndarray) -> str | None:
+    """Says what is wrong with gradient ``g``, or returns None when nothing is.
+
+    A gradient is wrong when it holds NaN or infinity, or a value whose square overflows the
+    work dtype: ``v`` would become infinite and the coordinate would never move again. Its
+    largest and smallest values clear both at once in the common case (two reductions, no
+    allocation, no arithmetic that could warn; NaN propagates through both). Only a gradient
+    that fails is looked at value by value, in blocks, to say what is wrong.
     """
     if g.dtype.kind != "f" or g.size == 0:
-        return 0
+        return None  # Integers are cast to float: finite, and their squares fit.
+    limit = _square_limit(g.dtype)
+    if -limit <= np.minimum.reduce(g, axis=None) and np.maximum.reduce(g, axis=None) <= limit:
+        return None
     with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(g, axis=None)
-    if math.isfinite(float(total)):
-        return 0
-    flat = g.reshape(-1)
-    blocks = (flat[i : i + BLOCK_SIZE] for i in range(0, flat.shape[0], BLOCK_SIZE))
-    return sum(block.shape[0] - int(np.count_nonzero(np.isfinite(block))) for block in blocks)
+        flat = g.reshape(-1)
+        nonfinite = huge = 0
+        first_nonfinite = first_huge = -1
+        for start in range(0, flat.shape[0], BLOCK_SIZE):
+            block = flat[start : start + BLOCK_SIZE]
+            bad = ~np.isfinite(block)
+            big = (np.abs(block) > limit) & ~bad
+            count_bad, count_big = int(np.count_nonzero(bad)), int(np.count_nonzero(big))
+            if count_bad and first_nonfinite < 0:
+                first_nonfinite = start + int(np.argmax(bad))
+            if count_big and first_huge < 0:
+                first_huge = start + int(np.argmax(big))
+            nonfinite += count_bad
+            huge += count_big
+
+    def where(index: int) -> str:
+        position = tuple(int(i) for i in np.unravel_index(index, g.shape))
+        return f"first at index {position}: {flat[index].item()}"
+
+    if nonfinite:
+        plural = "" if nonfinite == 1 else "s"
+        return f"{nonfinite} NaN or infinite value{plural} of {g.size} ({where(first_nonfinite)})"
+    if huge:
+        plural = "" if huge == 1 else "s"
+        return (
+            f"{huge} value{plural} of {g.size} whose square overflows {work_dtype(g.dtype)}, "
+            f"|g| > {float(limit):.4g} ({where(first_huge)})"
+        )
+    return None
 
 
 _BACKENDS = ("numpy", "numba")

@@ -51,12 +51,16 @@ def _element(p, g, m, v, vmax, coef, maximize, use_l2, use_decay, amsgrad):  # t
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
-def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags, start, stop):  # type: ignore[no-untyped-def]
+def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
+    # Scalars and flags are read once into locals: read in the loop, LLVM would have to reload
+    # them after every store (an output might alias them) and could not vectorize. The index
+    # runs from 0, so LLVM can drop the check for negative indices too.
     maximize, use_l2, use_decay, amsgrad = flags[0], flags[1], flags[2], flags[3]
-    for i in range(start, stop):
+    local = coef.copy()
+    for i in range(p.shape[0]):
         vm = vmax[i] if amsgrad else v[i]
         new_p, new_m, new_v, new_vm = _element(
-            p[i], g[i], m[i], v[i], vm, coef, maximize, use_l2, use_decay, amsgrad
+            p[i], g[i], m[i], v[i], vm, local, maximize, use_l2, use_decay, amsgrad
         )
         out_p[i] = new_p
         out_m[i] = new_m
@@ -70,21 +74,12 @@ def _parallel(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # 
     n = p.shape[0]
     chunks = (n + _CHUNK - 1) // _CHUNK
     for chunk in numba.prange(chunks):
-        start = chunk * _CHUNK
+        a = chunk * _CHUNK
+        b = min(n, a + _CHUNK)
+        # An empty v_max (AMSGrad off) is passed whole: its chunk would be out of range.
+        vm, ovm = (vmax[a:b], out_vmax[a:b]) if flags[3] else (vmax, out_vmax)
         _serial(
-            p,
-            g,
-            m,
-            v,
-            vmax,
-            out_p,
-            out_m,
-            out_v,
-            out_vmax,
-            coef,
-            flags,
-            start,
-            min(n, start + _CHUNK),
+            p[a:b], g[a:b], m[a:b], v[a:b], vm, out_p[a:b], out_m[a:b], out_v[a:b], ovm, coef, flags
         )
 
 
@@ -125,10 +120,25 @@ def adam_leaf(
     )
     flags = np.array((c.maximize, c.l2 != 0.0, c.decay is not None, c.amsgrad), np.bool_)
     none = _NO_V_MAX[dtype]
-    vmax = none if v_max is None else v_max
-    out_vmax = none if out_v_max is None else out_v_max
-    n = p.shape[0]
+    # The loops take flat C-contiguous arrays: reshape(-1) is a view of a C-contiguous array
+    # and a C-ordered copy of any other; a parameter of another layout is written back after.
+    direct = out_p.flags.c_contiguous
+    flat_out_p = out_p.reshape(-1) if direct else np.empty(out_p.size, dtype)
+    arrays = (
+        p.reshape(-1),
+        g.reshape(-1),
+        m.reshape(-1),
+        v.reshape(-1),
+        none if v_max is None else v_max.reshape(-1),
+        flat_out_p,
+        out_m.reshape(-1),
+        out_v.reshape(-1),
+        none if out_v_max is None else out_v_max.reshape(-1),
+    )
+    n = flat_out_p.shape[0]
     if n >= PARALLEL_THRESHOLD:
-        _parallel(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags)
+        _parallel(*arrays, coef, flags)
     else:
-        _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags, 0, n)
+        _serial(*arrays, coef, flags)
+    if not direct:
+        out_p[...] = flat_out_p.reshape(out_p.shape)

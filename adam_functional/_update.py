@@ -78,27 +78,25 @@ def check_moment(x: Any, p: np.ndarray, path: LeafPaths, index: int) -> None:
         )
 
 
-def find_nonfinite(grads: Sequence[np.ndarray]) -> tuple[int, int] | None:
-    """Returns (leaf index, count) of the first gradient holding NaN or infinity, or None."""
+def find_bad_gradient(grads: Sequence[np.ndarray]) -> tuple[int, str] | None:
+    """Returns the index of the first gradient holding NaN, infinity or a value whose square
+    overflows, with a description of what it holds; or None when all are fine."""
     for index, g in enumerate(grads):
-        count = _kernels.count_nonfinite(g)
-        if count:
-            return index, count
+        problem = _kernels.gradient_problem(g)
+        if problem is not None:
+            return index, problem
     return None
 
 
 def may_skip(config: AdamConfig, streak: int) -> bool:
-    """Whether a step with non-finite gradients may be skipped as the ``streak``-th in a row."""
+    """Whether a step with bad gradients may be skipped as the ``streak``-th in a row."""
     if config.nonfinite != "skip":
         return False
     return config.max_consecutive_skips is None or streak <= config.max_consecutive_skips
 
 
-def nonfinite_error(
-    g: np.ndarray, count: int, path: str, config: AdamConfig, streak: int
-) -> FloatingPointError:
-    """The error for a gradient with ``count`` non-finite values, naming its path and the first."""
-    first = np.unravel_index(int(np.argmin(np.isfinite(g).reshape(-1))), g.shape) if g.ndim else ()
+def nonfinite_error(problem: str, path: str, config: AdamConfig, streak: int) -> FloatingPointError:
+    """The error for a gradient at ``path`` that holds what ``problem`` describes."""
     if config.nonfinite == "skip":
         advice = (
             f"it would be skip {streak} in a row, more than "
@@ -107,9 +105,7 @@ def nonfinite_error(
     else:
         advice = "AdamConfig(nonfinite='skip') skips such steps"
     return FloatingPointError(
-        f"{path}: expected finite gradients, got {count} NaN or infinite value"
-        f"{'' if count == 1 else 's'} of {g.size} (first at index {tuple(map(int, first))}: "
-        f"{g[first].item()}); nothing was changed. {advice}"
+        f"{path}: expected finite gradients, got {problem}; nothing was changed. {advice}"
     )
 
 
@@ -125,31 +121,13 @@ def run_leaf(
     out_v: np.ndarray,
     out_v_max: np.ndarray | None,
 ) -> None:
-    """Runs the kernel on arrays of the parameter's shape.
+    """Runs the active backend's kernel on one leaf (see `_kernels.adam_leaf`).
 
-    The moments and their outputs are C-contiguous; ``p``, ``g`` and ``out_p`` may have any
-    layout. ``reshape(-1)`` walks every array in the same (C) order, as a view where it can and
-    as a copy where it must; a non-contiguous ``out_p`` is written through a contiguous buffer.
+    Callers run it under ``np.errstate(all="ignore")``: NaN and infinity only reach the
+    arithmetic when asked to propagate, and then a warning (or an error, under
+    ``np.seterr(all="raise")``) would only interrupt a step half-way.
     """
-    direct = out_p.flags.c_contiguous
-    flat_out_p = out_p.reshape(-1) if direct else np.empty(out_p.size, out_p.dtype)
-    # NaN and infinity only reach the arithmetic when asked to propagate, and then warnings (or
-    # errors, under np.seterr(all="raise")) would only interrupt a step half-way.
-    with np.errstate(all="ignore"):
-        _kernels.leaf_kernel()(
-            p.reshape(-1),
-            g.reshape(-1),
-            m.reshape(-1),
-            v.reshape(-1),
-            None if v_max is None else v_max.reshape(-1),
-            c,
-            flat_out_p,
-            out_m.reshape(-1),
-            out_v.reshape(-1),
-            None if out_v_max is None else out_v_max.reshape(-1),
-        )
-    if not direct:
-        out_p[...] = flat_out_p.reshape(out_p.shape)
+    _kernels.leaf_kernel()(p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max)
 
 
 def _require(value: Any, kind: type, name: str) -> None:
@@ -280,12 +258,12 @@ def adam_update(
             check_moment(x, p, m_paths, index)
 
     if config.nonfinite != "propagate":
-        bad = find_nonfinite(grads_arrays)
+        bad = find_bad_gradient(grads_arrays)
         if bad is not None:
-            index, count = bad
+            index, problem = bad
             streak = state.consecutive_skips + 1
             if not may_skip(config, streak):
-                raise nonfinite_error(grads_arrays[index], count, g_paths[index], config, streak)
+                raise nonfinite_error(problem, g_paths[index], config, streak)
             copies = _tree.unflatten(treedef, [np.array(p, copy=True) for p in p_leaves])
             return copies, AdamState._trusted(
                 state.m, state.v, state.t, state.v_max, state.skipped + 1, streak
@@ -296,19 +274,24 @@ def adam_update(
     m_leaves, v_leaves = moments[0][1], moments[1][1]
     vm_leaves = moments[2][1] if config.amsgrad else [None] * len(p_leaves)
     new_p, new_m, new_v, new_vm = [], [], [], []
-    for p, g, m, v, vm in zip(p_leaves, grads_arrays, m_leaves, v_leaves, vm_leaves):
-        out_p = np.empty(p.shape, p.dtype)
-        out_m = np.empty(p.shape, p.dtype)
-        out_v = np.empty(p.shape, p.dtype)
-        out_vm = None if vm is None else np.empty(p.shape, p.dtype)
-        run_leaf(p, g, m, v, vm, c, out_p, out_m, out_v, out_vm)
-        for out in (out_m, out_v, out_vm):
-            if out is not None:
-                out.flags.writeable = False
-        new_p.append(out_p)
-        new_m.append(out_m)
-        new_v.append(out_v)
-        new_vm.append(out_vm)
+    with np.errstate(all="ignore"):
+        for p, g, m, v, vm in zip(p_leaves, grads_arrays, m_leaves, v_leaves, vm_leaves):
+            shape, dtype = p.shape, p.dtype
+            out_p, out_m, out_v = (
+                np.empty(shape, dtype),
+                np.empty(shape, dtype),
+                np.empty(shape, dtype),
+            )
+            out_vm = None if vm is None else np.empty(shape, dtype)
+            run_leaf(p, g, m, v, vm, c, out_p, out_m, out_v, out_vm)
+            out_m.flags.writeable = False
+            out_v.flags.writeable = False
+            if out_vm is not None:
+                out_vm.flags.writeable = False
+            new_p.append(out_p)
+            new_m.append(out_m)
+            new_v.append(out_v)
+            new_vm.append(out_vm)
     return _tree.unflatten(treedef, new_p), AdamState._trusted(
         _tree.unflatten(treedef, new_m),
         _tree.unflatten(treedef, new_v),

@@ -23,7 +23,7 @@ from adam_functional._update import (
     LeafPaths,
     as_grad,
     check_params,
-    find_nonfinite,
+    find_bad_gradient,
     may_skip,
     nonfinite_error,
     run_leaf,
@@ -256,14 +256,12 @@ class Adam:
         config = self._config
 
         if config.nonfinite != "propagate":
-            bad = find_nonfinite(grads_arrays)
+            bad = find_bad_gradient(grads_arrays)
             if bad is not None:
-                index, count = bad
+                index, problem = bad
                 streak = max(slot.consecutive_skips for slot in slots) + 1
                 if not may_skip(config, streak):
-                    raise nonfinite_error(
-                        grads_arrays[index], count, g_paths[index], config, streak
-                    )
+                    raise nonfinite_error(problem, g_paths[index], config, streak)
                 for slot in slots:
                     slot.skipped += 1
                     slot.consecutive_skips += 1
@@ -276,15 +274,17 @@ class Adam:
             if slot.t + 1 not in by_t:
                 by_t[slot.t + 1] = _kernels.coefficients(config, slot.t + 1)
 
-        for index, (p, g, slot) in enumerate(zip(p_leaves, grads_arrays, slots)):
-            if _overlaps(g, p, slot):
-                # The kernel writes p and the moments block by block; a gradient that shares
-                # their memory would be read after it was overwritten.
-                grads_arrays[index] = g = np.array(g, copy=True)
-            slot.t += 1
-            run_leaf(p, g, slot.m, slot.v, slot.v_max, by_t[slot.t], p, slot.m, slot.v, slot.v_max)
-            slot.consecutive_skips = 0
-            slot.restored = False
+        with np.errstate(all="ignore"):
+            for p, g, slot in zip(p_leaves, grads_arrays, slots):
+                if _overlaps(g, p, slot):
+                    # The kernel writes p and the moments block by block; a gradient that shares
+                    # their memory would be read after it was overwritten.
+                    g = np.array(g, copy=True)
+                slot.t += 1
+                m, v, v_max = slot.m, slot.v, slot.v_max
+                run_leaf(p, g, m, v, v_max, by_t[slot.t], p, m, v, v_max)
+                slot.consecutive_skips = 0
+                slot.restored = False
         self._register(p_leaves, slots, fresh)
 
     def _check_distinct(self, leaves: list[np.ndarray], paths: LeafPaths) -> None:

@@ -196,3 +196,26 @@ def test_consecutive_skips_are_bounded_in_place():
     assert opt.get_state(W).consecutive_skips == 1
     opt.step(W, np.ones(2))
     assert opt.get_state(W).consecutive_skips == 0 and opt.t[id(W)] == 1
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_gradient_whose_square_overflows_is_refused_like_a_non_finite_one(dtype):
+    # v = beta2 * v + (1 - beta2) * g**2 would become infinite, and the coordinate would then
+    # never move again: the non-finite policy applies.
+    big = np.sqrt(np.finfo(dtype).max) * 2
+    params, grads = np.ones(3, dtype), np.array([0.5, big, -0.5], dtype)
+    state = adam_init(params)
+    with pytest.raises(
+        FloatingPointError,
+        match=rf"grads: expected finite gradients, got 1 value of 3 whose square overflows "
+        rf"{np.dtype(dtype).name}, \|g\| > .* \(first at index \(1,\): .*\); nothing was changed",
+    ):
+        adam_update(params, grads, state, AdamConfig())
+    new, skipped = adam_update(params, grads, state, AdamConfig(nonfinite="skip"))
+    assert skipped.skipped == 1
+    new, propagated = adam_update(params, grads, state, AdamConfig(nonfinite="propagate"))
+    assert np.isinf(propagated.v[1]) and new[1] == params[1], "the plain formula freezes it"
+    # Just below the limit, the square fits and the step is taken.
+    fine = np.array([np.sqrt(np.finfo(dtype).max) / 2], dtype)
+    new, state = adam_update(params[:1], fine, adam_init(params[:1]), AdamConfig())
+    assert np.isfinite(state.v).all() and new[0] < 1.0
