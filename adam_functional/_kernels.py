@@ -12,8 +12,10 @@ bit-for-bit those of the notebook's class. float16 is computed in float32: NumPy
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -152,6 +154,53 @@ def adam_leaf(
         out_p[...] = flat_out_p.reshape(out_p.shape)
 
 
+#: Arrays of at least this many elements are split over the cores (see `threads`).
+PARALLEL_THRESHOLD = 1 << 17
+
+
+def threads() -> int:
+    """How many threads a large array is split over: ``ADAM_FUNCTIONAL_THREADS``, else the
+    cores this process may run on. NumPy's ufuncs release the GIL, so blocks run in parallel."""
+    forced = os.environ.get("ADAM_FUNCTIONAL_THREADS", "").strip()
+    if forced:
+        try:
+            return max(1, int(forced))
+        except ValueError:
+            raise ValueError(
+                f"ADAM_FUNCTIONAL_THREADS: expected an int >= 1, got {forced!r}"
+            ) from None
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # Not on Linux.
+        return os.cpu_count() or 1
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = concurrent.futures.ThreadPoolExecutor(workers, "adam_functional")
+            _pool_size = workers
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child has the parent's pool object but none of its threads.
+    global _pool, _pool_size
+    _pool, _pool_size = None, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _blocks(
     p: np.ndarray,
     g: np.ndarray,
@@ -166,41 +215,77 @@ def _blocks(
     work: np.dtype,
     transform_g: bool,
 ) -> None:
-    # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache.
+    # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache. A large
+    # array is cut into one contiguous range of blocks per thread; the caller's thread takes one.
     n = p.shape[0]
-    size = min(n, BLOCK_SIZE)
+    arrays = (p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max, work, transform_g)
+    workers = min(threads(), n // (PARALLEL_THRESHOLD // 2)) if n >= PARALLEL_THRESHOLD else 1
+    if workers <= 1:
+        _block_range(*arrays, 0, n)
+        return
+    blocks = -(-n // BLOCK_SIZE)
+    bounds = [min(n, (blocks * i // workers) * BLOCK_SIZE) for i in range(workers + 1)]
+    pool = _executor(workers - 1)
+    futures = [
+        pool.submit(_block_range, *arrays, bounds[i], bounds[i + 1]) for i in range(1, workers)
+    ]
+    try:
+        _block_range(*arrays, bounds[0], bounds[1])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _block_range(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    v_max: np.ndarray | None,
+    c: Coefficients,
+    out_p: np.ndarray,
+    out_m: np.ndarray,
+    out_v: np.ndarray,
+    out_v_max: np.ndarray | None,
+    work: np.dtype,
+    transform_g: bool,
+    begin: int,
+    end: int,
+) -> None:
+    size = min(end - begin, BLOCK_SIZE)
     t1, t2 = np.empty(size, work), np.empty(size, work)
     gw = np.empty(size, work) if transform_g else None
     # Parameters, moments and their outputs are loaded into these when the storage dtype is
     # narrower than the work dtype (float16); otherwise the kernel works on the arrays directly.
     cast = p.dtype != work
     staged = [np.empty(size, work) for _ in range(4 if c.amsgrad else 3)] if cast else None
-
-    for start in range(0, n, BLOCK_SIZE):
-        stop = min(start + BLOCK_SIZE, n)
-        k = stop - start
-        gwb = None if gw is None else gw[:k]
-        pb, gb, mb, vb = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
-        opb, omb, ovb = out_p[start:stop], out_m[start:stop], out_v[start:stop]
-        vmb = v_max[start:stop] if v_max is not None else None
-        ovmb = out_v_max[start:stop] if out_v_max is not None else None
-        if staged is not None:
-            sp, sm, sv = staged[0][:k], staged[1][:k], staged[2][:k]
-            np.copyto(sp, pb)
-            np.copyto(sm, mb)
-            np.copyto(sv, vb)
-            svm = None
-            if vmb is not None:
-                svm = staged[3][:k]
-                np.copyto(svm, vmb)
-            _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gwb)
-            np.copyto(opb, sp, casting="same_kind")
-            np.copyto(omb, sm, casting="same_kind")
-            np.copyto(ovb, sv, casting="same_kind")
-            if ovmb is not None and svm is not None:
-                np.copyto(ovmb, svm, casting="same_kind")
-        else:
-            _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gwb)
+    # np.errstate is per thread: a worker sets its own (see `_update.run_leaf`).
+    with np.errstate(all="ignore"):
+        for start in range(begin, end, BLOCK_SIZE):
+            stop = min(start + BLOCK_SIZE, end)
+            k = stop - start
+            gwb = None if gw is None else gw[:k]
+            pb, gb, mb, vb = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
+            opb, omb, ovb = out_p[start:stop], out_m[start:stop], out_v[start:stop]
+            vmb = v_max[start:stop] if v_max is not None else None
+            ovmb = out_v_max[start:stop] if out_v_max is not None else None
+            if staged is not None:
+                sp, sm, sv = staged[0][:k], staged[1][:k], staged[2][:k]
+                np.copyto(sp, pb)
+                np.copyto(sm, mb)
+                np.copyto(sv, vb)
+                svm = None
+                if vmb is not None:
+                    svm = staged[3][:k]
+                    np.copyto(svm, vmb)
+                _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gwb)
+                np.copyto(opb, sp, casting="same_kind")
+                np.copyto(omb, sm, casting="same_kind")
+                np.copyto(ovb, sv, casting="same_kind")
+                if ovmb is not None and svm is not None:
+                    np.copyto(ovmb, svm, casting="same_kind")
+            else:
+                _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gwb)
 
 
 def _block(
@@ -245,10 +330,19 @@ def _block(
     if c.amsgrad and v_max is not None and out_v_max is not None:
         np.maximum(v_max, out_v, out=out_v_max)
         second = out_v_max
-    np.divide(out_m, c.bias_correction1, out=t1)
-    np.multiply(t1, c.lr, out=t1)
-    np.divide(second, c.bias_correction2, out=t2)
-    np.sqrt(t2, out=t2)
+    # Once beta ** t is below half an ulp of 1, a bias correction is exactly 1.0 and dividing by
+    # it gives back its operand bit for bit: the division is skipped (after some 350 steps for
+    # m with beta1 = 0.9, some 36,000 for v with beta2 = 0.999).
+    if c.bias_correction1 != 1.0:
+        np.divide(out_m, c.bias_correction1, out=t1)
+        np.multiply(t1, c.lr, out=t1)
+    else:
+        np.multiply(out_m, c.lr, out=t1)
+    if c.bias_correction2 != 1.0:
+        np.divide(second, c.bias_correction2, out=t2)
+        np.sqrt(t2, out=t2)
+    else:
+        np.sqrt(second, out=t2)
     np.add(t2, c.eps, out=t2)
     np.divide(t1, t2, out=t1)
     np.subtract(p, t1, out=out_p)

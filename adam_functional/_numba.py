@@ -30,7 +30,7 @@ _LR, _BETA1, _OMB1, _BETA2, _OMB2, _BC1, _BC2, _EPS, _L2, _DECAY = range(10)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _element(p, g, m, v, vmax, coef, maximize, use_l2, use_decay, amsgrad):  # type: ignore[no-untyped-def]
+def _element(p, g, m, v, vmax, coef, maximize, use_l2, use_decay, amsgrad, bc1, bc2):  # type: ignore[no-untyped-def]
     if maximize:
         g = -g
     if use_l2:
@@ -45,8 +45,9 @@ def _element(p, g, m, v, vmax, coef, maximize, use_l2, use_decay, amsgrad):  # t
         if not (vmax >= v) or v != v:
             vmax = v
         second = vmax
-    numerator = (m / coef[_BC1]) * coef[_LR]
-    denominator = np.sqrt(second / coef[_BC2]) + coef[_EPS]
+    # A bias correction of exactly 1.0 divides nothing (see `_kernels._block`).
+    numerator = (m / coef[_BC1] if bc1 else m) * coef[_LR]
+    denominator = np.sqrt(second / coef[_BC2] if bc2 else second) + coef[_EPS]
     return p - numerator / denominator, m, v, vmax
 
 
@@ -56,11 +57,12 @@ def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # ty
     # them after every store (an output might alias them) and could not vectorize. The index
     # runs from 0, so LLVM can drop the check for negative indices too.
     maximize, use_l2, use_decay, amsgrad = flags[0], flags[1], flags[2], flags[3]
+    bc1, bc2 = flags[4], flags[5]
     local = coef.copy()
     for i in range(p.shape[0]):
         vm = vmax[i] if amsgrad else v[i]
         new_p, new_m, new_v, new_vm = _element(
-            p[i], g[i], m[i], v[i], vm, local, maximize, use_l2, use_decay, amsgrad
+            p[i], g[i], m[i], v[i], vm, local, maximize, use_l2, use_decay, amsgrad, bc1, bc2
         )
         out_p[i] = new_p
         out_m[i] = new_m
@@ -118,7 +120,17 @@ def adam_leaf(
         ),
         dtype,
     )
-    flags = np.array((c.maximize, c.l2 != 0.0, c.decay is not None, c.amsgrad), np.bool_)
+    flags = np.array(
+        (
+            c.maximize,
+            c.l2 != 0.0,
+            c.decay is not None,
+            c.amsgrad,
+            c.bias_correction1 != 1.0,
+            c.bias_correction2 != 1.0,
+        ),
+        np.bool_,
+    )
     none = _NO_V_MAX[dtype]
     # The loops take flat C-contiguous arrays: reshape(-1) is a view of a C-contiguous array
     # and a C-ordered copy of any other; a parameter of another layout is written back after.

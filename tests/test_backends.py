@@ -65,10 +65,11 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
-def test_backends_and_memory_policies_agree_bit_for_bit(name, dtype, config):
+@pytest.mark.parametrize("t", [3, 1000, 10**6])  # bias corrections < 1, then one, then both 1.0
+def test_backends_and_memory_policies_agree_bit_for_bit(name, dtype, config, t):
     rng = np.random.default_rng(0)
     for n in SIZES:
-        p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=3)
+        p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=t)
         expected = _fresh(p, v_max)
         _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
         fresh = _fresh(p, v_max)
@@ -94,6 +95,30 @@ def test_numba_parallel_path_agrees(dtype):
         _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
         _numba.adam_leaf(p, g, m, v, v_max, c, *got)
         _assert_same(expected, got)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_numpy_threads_agree_with_one_thread(monkeypatch, dtype):
+    rng = np.random.default_rng(3)
+    n = 3 * _kernels.PARALLEL_THRESHOLD + 7
+    config = CONFIGS[3]
+    p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=5)
+    results = []
+    for count in ("1", "3"):
+        monkeypatch.setenv("ADAM_FUNCTIONAL_THREADS", count)
+        assert _kernels.threads() == int(count)
+        out = _fresh(p, v_max)
+        _kernels.adam_leaf(p, g, m, v, v_max, c, *out)
+        results.append(out)
+    _assert_same(*results)
+
+
+def test_threads_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("ADAM_FUNCTIONAL_THREADS", "many")
+    with pytest.raises(
+        ValueError, match=r"ADAM_FUNCTIONAL_THREADS: expected an int >= 1, got 'many'"
+    ):
+        _kernels.threads()
 
 
 @pytest.mark.parametrize("name", BACKENDS)
