@@ -143,11 +143,11 @@ def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     assert str(file) in capsys.readouterr().out
 
 
-def test_python_dash_m_help() -> None:
-    root = Path(__file__).resolve().parents[1]
+def test_python_dash_m_help(tmp_path: Path) -> None:
+    # From an empty folder, so that it runs the installed package, not a source tree in the cwd.
     result = subprocess.run(
         [sys.executable, "-m", "adam_functional", "--help"],
-        cwd=root,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         check=False,
