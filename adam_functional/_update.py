@@ -6,6 +6,7 @@ pure update writes only arrays it has just made, its inputs are never touched in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +110,19 @@ def nonfinite_error(problem: str, path: str, config: AdamConfig, streak: int) ->
     )
 
 
+def quiet(config: AdamConfig) -> contextlib.AbstractContextManager[Any]:
+    """The floating-point error state a step's arithmetic runs under.
+
+    With the gradients checked, the arithmetic can only meet NaN, infinity or 0 / 0 when asked
+    to propagate them, or with ``eps = 0`` and a zero second moment. Then a warning, or an error
+    under ``np.seterr(all="raise")``, would only interrupt a step half-way, so these run with
+    floating-point errors ignored; every other step skips the cost of switching.
+    """
+    if config.nonfinite == "propagate" or config.eps == 0.0:
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()
+
+
 def run_leaf(
     p: np.ndarray,
     g: np.ndarray,
@@ -123,9 +137,7 @@ def run_leaf(
 ) -> None:
     """Runs the active backend's kernel on one leaf (see `_kernels.adam_leaf`).
 
-    Callers run it under ``np.errstate(all="ignore")``: NaN and infinity only reach the
-    arithmetic when asked to propagate, and then a warning (or an error, under
-    ``np.seterr(all="raise")``) would only interrupt a step half-way.
+    Callers run it under `quiet(config)`.
     """
     _kernels.leaf_kernel()(p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max)
 
@@ -274,7 +286,7 @@ def adam_update(
     m_leaves, v_leaves = moments[0][1], moments[1][1]
     vm_leaves = moments[2][1] if config.amsgrad else [None] * len(p_leaves)
     new_p, new_m, new_v, new_vm = [], [], [], []
-    with np.errstate(all="ignore"):
+    with quiet(config):
         for p, g, m, v, vm in zip(p_leaves, grads_arrays, m_leaves, v_leaves, vm_leaves):
             shape, dtype = p.shape, p.dtype
             out_p, out_m, out_v = (

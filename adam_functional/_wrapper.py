@@ -26,6 +26,7 @@ from adam_functional._update import (
     find_bad_gradient,
     may_skip,
     nonfinite_error,
+    quiet,
     run_leaf,
 )
 
@@ -274,7 +275,7 @@ class Adam:
             if slot.t + 1 not in by_t:
                 by_t[slot.t + 1] = _kernels.coefficients(config, slot.t + 1)
 
-        with np.errstate(all="ignore"):
+        with quiet(config):
             for p, g, slot in zip(p_leaves, grads_arrays, slots):
                 if _overlaps(g, p, slot):
                     # The kernel writes p and the moments block by block; a gradient that shares
