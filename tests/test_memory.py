@@ -1,0 +1,49 @@
+"""Memory: a step allocates no full-size temporary (measured with tracemalloc, never timed)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from adam_functional import Adam, AdamConfig, adam_init, adam_update
+
+MiB = 1 << 20
+N = 1_000_000
+
+
+def _peak(function):
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        before = tracemalloc.get_traced_memory()[0]
+        result = function()
+        return tracemalloc.get_traced_memory()[1] - before, result
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("config", [AdamConfig(), AdamConfig(amsgrad=True, weight_decay=0.1)])
+def test_pure_update_allocates_its_outputs_and_at_most_a_mebibyte_more(config):
+    rng = np.random.default_rng(0)
+    params, grads = rng.standard_normal(N), rng.standard_normal(N)
+    state = adam_init(params, config)
+    params, state = adam_update(params, grads, state, config)  # compile or warm up first
+    peak, (new, new_state) = _peak(lambda: adam_update(params, grads, state, config))
+    outputs = new.nbytes + new_state.m.nbytes + new_state.v.nbytes
+    outputs += 0 if new_state.v_max is None else new_state.v_max.nbytes
+    assert peak - outputs <= MiB, f"{(peak - outputs) / MiB:.2f} MiB beyond the outputs"
+    # The notebook's arithmetic makes several full-size temporaries: this test could fail.
+    notebook_peak, _ = _peak(lambda: params - 0.001 * (grads / 0.1) / (np.sqrt(grads**2) + 1e-8))
+    assert notebook_peak - params.nbytes > MiB
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_in_place_step_allocates_at_most_a_mebibyte(dtype):
+    rng = np.random.default_rng(1)
+    W, g = rng.standard_normal(N).astype(dtype), rng.standard_normal(N).astype(dtype)
+    opt = Adam(amsgrad=True)
+    opt.step(W, g)
+    peak, _ = _peak(lambda: opt.step(W, g))
+    assert peak <= MiB, f"{peak / MiB:.2f} MiB"
