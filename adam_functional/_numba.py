@@ -23,66 +23,108 @@ __all__ = ["adam_leaf"]
 PARALLEL_THRESHOLD = 1 << 17
 # Elements a thread takes at a time in the parallel loop.
 _CHUNK = 1 << 14
+# Elements computed into scratch arrays at a time when updating in place (see `_staged`).
+_STAGE = 1 << 11
 
 # Positions in the coefficient array, which carries the scalars in the work dtype so that every
 # operation rounds as NumPy's does with a Python float scalar (cast to the array's dtype first).
-_LR, _BETA1, _OMB1, _BETA2, _OMB2, _BC1, _BC2, _EPS, _L2, _DECAY = range(10)
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _element(p, g, m, v, vmax, coef, maximize, use_l2, use_decay, amsgrad, bc1, bc2):  # type: ignore[no-untyped-def]
-    if maximize:
-        g = -g
-    if use_l2:
-        g = g + p * coef[_L2]
-    if use_decay:
-        p = p * coef[_DECAY]
-    m = m * coef[_BETA1] + g * coef[_OMB1]
-    v = v * coef[_BETA2] + (g * g) * coef[_OMB2]
-    second = v
-    if amsgrad:
-        # np.maximum: NaN wins on either side.
-        if not (vmax >= v) or v != v:
-            vmax = v
-        second = vmax
-    # A bias correction of exactly 1.0 divides nothing (see `_kernels._block`).
-    numerator = (m / coef[_BC1] if bc1 else m) * coef[_LR]
-    denominator = np.sqrt(second / coef[_BC2] if bc2 else second) + coef[_EPS]
-    return p - numerator / denominator, m, v, vmax
+_LR, _BETA1, _OMB1, _BETA2, _OMB2, _BC1, _BC2, _EPS, _L2, _DECAY, _SIGN = range(11)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
-    # Scalars and flags are read once into locals: read in the loop, LLVM would have to reload
-    # them after every store (an output might alias them) and could not vectorize. The index
-    # runs from 0, so LLVM can drop the check for negative indices too.
-    maximize, use_l2, use_decay, amsgrad = flags[0], flags[1], flags[2], flags[3]
-    bc1, bc2 = flags[4], flags[5]
-    local = coef.copy()
+    # The scalars are read once into local variables: read from an array in the loop, LLVM
+    # would reload them after every store (an output might alias them). The loop has two
+    # branches, both the same for every element, so that LLVM can hoist them and vectorize:
+    # maximize is a product with -1.0, decoupled decay a product with 1.0 when off, and a bias
+    # correction of 1.0 a division by 1.0, all exact. The index runs from 0, so LLVM can drop
+    # the check for negative indices too.
+    lr, beta1, omb1, beta2, omb2 = coef[_LR], coef[_BETA1], coef[_OMB1], coef[_BETA2], coef[_OMB2]
+    bc1, bc2, eps, l2, decay = coef[_BC1], coef[_BC2], coef[_EPS], coef[_L2], coef[_DECAY]
+    sign = coef[_SIGN]
+    use_l2, amsgrad = flags[0], flags[1]
     for i in range(p.shape[0]):
-        vm = vmax[i] if amsgrad else v[i]
-        new_p, new_m, new_v, new_vm = _element(
-            p[i], g[i], m[i], v[i], vm, local, maximize, use_l2, use_decay, amsgrad, bc1, bc2
-        )
-        out_p[i] = new_p
-        out_m[i] = new_m
-        out_v[i] = new_v
+        gi = g[i] * sign
+        pi = p[i]
+        if use_l2:
+            gi = gi + pi * l2
+        pi = pi * decay
+        mi = m[i] * beta1 + gi * omb1
+        vi = v[i] * beta2 + (gi * gi) * omb2
+        second = vi
         if amsgrad:
-            out_vmax[i] = new_vm
+            # np.maximum: NaN wins on either side.
+            second = vmax[i]
+            if not (second >= vi) or vi != vi:
+                second = vi
+            out_vmax[i] = second
+        out_p[i] = pi - ((mi / bc1) * lr) / (np.sqrt(second / bc2) + eps)
+        out_m[i] = mi
+        out_v[i] = vi
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _staged(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
+    # In place, each output is also an input. LLVM vectorizes `_serial` behind a run-time check
+    # that its outputs overlap no input, and in place that check fails every time: the loop
+    # would run one element at a time. So the results go, a short stretch at a time, to scratch
+    # arrays (which overlap nothing) and are copied from there; the copies stay in cache.
+    n = p.shape[0]
+    size = min(n, _STAGE)
+    amsgrad = flags[1]
+    sp, sm, sv = np.empty(size, p.dtype), np.empty(size, p.dtype), np.empty(size, p.dtype)
+    svm = np.empty(size if amsgrad else 0, p.dtype)
+    for a in range(0, n, _STAGE):
+        b = min(n, a + _STAGE)
+        k = b - a
+        vm, ovm = (vmax[a:b], svm[:k]) if amsgrad else (vmax, svm)
+        _serial(p[a:b], g[a:b], m[a:b], v[a:b], vm, sp[:k], sm[:k], sv[:k], ovm, coef, flags)
+        for i in range(k):
+            out_p[a + i] = sp[i]
+            out_m[a + i] = sm[i]
+            out_v[a + i] = sv[i]
+        if amsgrad:
+            for i in range(k):
+                out_vmax[a + i] = svm[i]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def _parallel(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
+def _parallel(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags, in_place):  # type: ignore[no-untyped-def]
     n = p.shape[0]
     chunks = (n + _CHUNK - 1) // _CHUNK
     for chunk in numba.prange(chunks):
         a = chunk * _CHUNK
         b = min(n, a + _CHUNK)
         # An empty v_max (AMSGrad off) is passed whole: its chunk would be out of range.
-        vm, ovm = (vmax[a:b], out_vmax[a:b]) if flags[3] else (vmax, out_vmax)
-        _serial(
-            p[a:b], g[a:b], m[a:b], v[a:b], vm, out_p[a:b], out_m[a:b], out_v[a:b], ovm, coef, flags
-        )
+        vm, ovm = (vmax[a:b], out_vmax[a:b]) if flags[1] else (vmax, out_vmax)
+        if in_place:
+            _staged(
+                p[a:b],
+                g[a:b],
+                m[a:b],
+                v[a:b],
+                vm,
+                out_p[a:b],
+                out_m[a:b],
+                out_v[a:b],
+                ovm,
+                coef,
+                flags,
+            )
+        else:
+            _serial(
+                p[a:b],
+                g[a:b],
+                m[a:b],
+                v[a:b],
+                vm,
+                out_p[a:b],
+                out_m[a:b],
+                out_v[a:b],
+                ovm,
+                coef,
+                flags,
+            )
 
 
 _NO_V_MAX = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0)}
@@ -117,20 +159,11 @@ def adam_leaf(
             c.eps,
             c.l2,
             1.0 if c.decay is None else c.decay,
+            -1.0 if c.maximize else 1.0,
         ),
         dtype,
     )
-    flags = np.array(
-        (
-            c.maximize,
-            c.l2 != 0.0,
-            c.decay is not None,
-            c.amsgrad,
-            c.bias_correction1 != 1.0,
-            c.bias_correction2 != 1.0,
-        ),
-        np.bool_,
-    )
+    flags = np.array((c.l2 != 0.0, c.amsgrad), np.bool_)
     none = _NO_V_MAX[dtype]
     # The loops take flat C-contiguous arrays: reshape(-1) is a view of a C-contiguous array
     # and a C-ordered copy of any other; a parameter of another layout is written back after.
@@ -148,8 +181,11 @@ def adam_leaf(
         none if out_v_max is None else out_v_max.reshape(-1),
     )
     n = flat_out_p.shape[0]
+    in_place = out_m is m
     if n >= PARALLEL_THRESHOLD:
-        _parallel(*arrays, coef, flags)
+        _parallel(*arrays, coef, flags, in_place)
+    elif in_place:
+        _staged(*arrays, coef, flags)
     else:
         _serial(*arrays, coef, flags)
     if not direct:
