@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import importlib.util
-import math
 import os
 import threading
 from collections.abc import Callable
@@ -177,25 +176,25 @@ def threads() -> int:
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_size = 0
 _pool_lock = threading.Lock()
 
 
-def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _pool, _pool_size
+def _executor() -> concurrent.futures.ThreadPoolExecutor:
+    # One pool for the process, never replaced (a step on another thread may be using it): as
+    # many workers as cores, or as ADAM_FUNCTIONAL_THREADS asks for if that is more.
+    global _pool
     with _pool_lock:
-        if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(workers, "adam_functional")
-            _pool_size = workers
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max(threads(), os.cpu_count() or 1), "adam_functional"
+            )
         return _pool
 
 
 def _forget_pool() -> None:
     # A forked child has the parent's pool object but none of its threads.
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
+    global _pool
+    _pool = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -226,7 +225,7 @@ def _blocks(
         return
     blocks = -(-n // BLOCK_SIZE)
     bounds = [min(n, (blocks * i // workers) * BLOCK_SIZE) for i in range(workers + 1)]
-    pool = _executor(workers - 1)
+    pool = _executor()
     futures = [
         pool.submit(_block_range, *arrays, bounds[i], bounds[i + 1]) for i in range(1, workers)
     ]
@@ -260,7 +259,7 @@ def _block_range(
     # narrower than the work dtype (float16); otherwise the kernel works on the arrays directly.
     cast = p.dtype != work
     staged = [np.empty(size, work) for _ in range(4 if c.amsgrad else 3)] if cast else None
-    # np.errstate is per thread: a worker sets its own (see `_update.run_leaf`).
+    # np.errstate is per thread: a worker sets its own, as the step does on its thread.
     with np.errstate(all="ignore"):
         for start in range(begin, end, BLOCK_SIZE):
             stop = min(start + BLOCK_SIZE, end)
@@ -352,42 +351,62 @@ def _block(
 _SQUARE_LIMITS: dict[np.dtype, np.floating[Any]] = {}
 
 
-def _square_limit(dtype: np.dtype) -> np.floating[Any]:
-    """The largest magnitude whose square is finite in the work dtype of ``dtype``.
+def _square_limit(work: np.dtype) -> np.floating[Any]:
+    """The largest magnitude whose square is finite in ``work``.
 
-    A scalar of the work dtype, not a Python float: compared with a gradient's values it then
-    promotes them instead of being rounded to their dtype (float16 cannot hold float32's limit),
-    and longdouble's limit does not overflow float64.
+    A scalar of that dtype, not a Python float: compared with a gradient's values it then
+    promotes them instead of being rounded to their dtype, and longdouble's limit does not
+    overflow float64.
     """
-    limit = _SQUARE_LIMITS.get(dtype)
+    limit = _SQUARE_LIMITS.get(work)
     if limit is None:
-        work = work_dtype(dtype)
-        limit = _SQUARE_LIMITS[dtype] = np.sqrt(np.finfo(work).max)
+        limit = _SQUARE_LIMITS[work] = np.sqrt(np.finfo(work).max)
     return limit
 
 
-def gradient_problem(g: np.ndarray) -> str | None:
-    """Says what is wrong with gradient ``g``, or returns None when nothing is.
+_LARGEST: dict[np.dtype, float] = {}
+
+
+def _largest(work: np.dtype) -> float:
+    """The largest finite value of ``work`` as a Python float (float64's, for longdouble)."""
+    largest = _LARGEST.get(work)
+    if largest is None:
+        largest = _LARGEST[work] = float(min(np.finfo(work).max, np.finfo(np.float64).max))
+    return largest
+
+
+def gradient_problem(g: np.ndarray, dtype: np.dtype) -> str | None:
+    """Says what is wrong with gradient ``g`` of parameters of ``dtype``, or returns None.
 
     A gradient is wrong when it holds NaN or infinity, or a value whose square overflows the
-    work dtype: ``v`` would become infinite and the coordinate would never move again. A sum of
-    squares clears both at once in the common case: it is finite exactly when no such value is
-    there, unless the sum itself overflows. It is taken in chunks of `BLOCK_SIZE` elements
-    (``np.vdot``: no allocation, one read, and too short for a BLAS library to start threads).
-    Only a gradient that fails is looked at value by value, to say what is wrong.
+    dtype the step computes in (the parameters' own, float32 for float16; a float64 gradient of
+    float32 parameters is judged in float32): ``v`` would become infinite and the coordinate
+    would never move again. A sum of squares clears both at once in the common case: it is at
+    most the dtype's largest value exactly when no such value is there, unless the sum itself
+    is too large. It is taken in chunks of `BLOCK_SIZE` elements (``np.vdot``: no allocation,
+    one read, and too short for a BLAS library to start threads). Only a gradient that fails is
+    looked at value by value, to say what is wrong.
     """
-    if g.dtype.kind != "f" or g.size == 0:
-        return None  # Integers are cast to float: finite, and their squares fit.
-    # np.vdot checks no floating-point flags: no warning, even under np.seterr(all="raise").
-    if g.size <= BLOCK_SIZE:
-        if math.isfinite(np.vdot(g, g)):
+    if g.size == 0:
+        return None
+    work = work_dtype(dtype)
+    if g.dtype.kind != "f":
+        # Integers are finite, and the square of any int64 fits float32; only uint64 can reach
+        # float32's limit, and integer sums would wrap around, so it is looked at value by value.
+        if g.dtype != np.uint64:
             return None
     else:
-        flat = g.reshape(-1)
-        chunks = (flat[i : i + BLOCK_SIZE] for i in range(0, flat.shape[0], BLOCK_SIZE))
-        if all(math.isfinite(np.vdot(chunk, chunk)) for chunk in chunks):
-            return None
-    limit = _square_limit(g.dtype)
+        # np.vdot checks no floating-point flags: no warning, even under np.seterr(all="raise").
+        largest = _largest(work)
+        if g.size <= BLOCK_SIZE:
+            if float(np.vdot(g, g)) <= largest:  # False for NaN.
+                return None
+        else:
+            flat = g.reshape(-1)
+            chunks = (flat[i : i + BLOCK_SIZE] for i in range(0, flat.shape[0], BLOCK_SIZE))
+            if all(float(np.vdot(chunk, chunk)) <= largest for chunk in chunks):
+                return None
+    limit = _square_limit(work)
     with np.errstate(over="ignore", invalid="ignore"):
         flat = g.reshape(-1)
         nonfinite = huge = 0
@@ -414,7 +433,7 @@ def gradient_problem(g: np.ndarray) -> str | None:
     if huge:
         plural = "" if huge == 1 else "s"
         return (
-            f"{huge} value{plural} of {g.size} whose square overflows {work_dtype(g.dtype)}, "
+            f"{huge} value{plural} of {g.size} whose square overflows {work}, "
             f"|g| > {float(limit):.4g} ({where(first_huge)})"
         )
     return None
@@ -448,12 +467,21 @@ def _choose() -> tuple[str, Callable[..., None]]:
     return "numpy", adam_leaf
 
 
-def leaf_kernel() -> Callable[..., None]:
-    """Returns the active backend's `adam_leaf`, choosing the backend at the first call."""
+def _resolve() -> tuple[str, Callable[..., None]]:
     global _active
     if _active is None:
         _active = _choose()
-    return _active[1]
+    return _active
+
+
+def prepare() -> Callable[..., None]:
+    """Returns the active backend's `adam_leaf`, for a step about to write.
+
+    Everything that reads the environment happens here, before anything is written: choosing
+    the backend at the first call (which may raise), and checking ``ADAM_FUNCTIONAL_THREADS``.
+    """
+    threads()
+    return _resolve()[1]
 
 
 def backend() -> str:
@@ -468,7 +496,4 @@ def backend() -> str:
       ValueError: the environment variable names no backend.
       ImportError: it forces numba, which cannot be imported.
     """
-    global _active
-    if _active is None:
-        _active = _choose()
-    return _active[0]
+    return _resolve()[0]

@@ -12,6 +12,8 @@ Compiled code is cached on disk (``cache=True``) where numba finds a writable pl
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 
@@ -19,8 +21,11 @@ from adam_functional import _kernels
 
 __all__ = ["adam_leaf"]
 
-# Below this many elements one thread does the work: starting the others costs more than it saves.
-PARALLEL_THRESHOLD = 1 << 17
+# From this many elements on, the work is split over the cores, as in the NumPy backend.
+PARALLEL_THRESHOLD = _kernels.PARALLEL_THRESHOLD
+# numba's default thread pool (workqueue) aborts the process when two threads enter parallel code
+# at once; the parallel loop is entered by one step at a time.
+_parallel_lock = threading.Lock()
 # Elements a thread takes at a time in the parallel loop.
 _CHUNK = 1 << 14
 # Elements computed into scratch arrays at a time when updating in place (see `_staged`).
@@ -55,7 +60,7 @@ def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # ty
         if amsgrad:
             # np.maximum: NaN wins on either side.
             second = vmax[i]
-            if not (second >= vi) or vi != vi:
+            if second < vi or vi != vi:
                 second = vi
             out_vmax[i] = second
         out_p[i] = pi - ((mi / bc1) * lr) / (np.sqrt(second / bc2) + eps)
@@ -183,7 +188,8 @@ def adam_leaf(
     n = flat_out_p.shape[0]
     in_place = out_m is m
     if n >= PARALLEL_THRESHOLD:
-        _parallel(*arrays, coef, flags, in_place)
+        with _parallel_lock:
+            _parallel(*arrays, coef, flags, in_place)
     elif in_place:
         _staged(*arrays, coef, flags)
     else:

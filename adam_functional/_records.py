@@ -244,11 +244,11 @@ max_consecutive_skips=None)
 def _freeze(array: np.ndarray, owned: bool = False) -> np.ndarray:
     """Returns a read-only array with the values of ``array`` that nothing else can write.
 
-    An array that is already read-only and owns its memory is kept; any other is copied, so that
-    freezing never changes the flags of an array the caller still holds. ``owned=True`` says the
-    caller holds the only reference, and the array is frozen where it is.
+    The array is copied: a read-only array the caller holds could be made writeable again by its
+    owner. ``owned=True`` says the caller holds the only reference (as after unpickling), and an
+    array that owns its memory is then frozen where it is.
     """
-    if array.base is None and (owned or not array.flags.writeable):
+    if owned and array.base is None:
         array.flags.writeable = False
         return array
     copy = np.array(array, copy=True, order="C")
@@ -287,10 +287,17 @@ def _tree_equal(a: Any, b: Any) -> bool:
     """True when two trees have the same structure, dtypes, shapes and values (NaN equals NaN)."""
     if a is None or b is None:
         return a is b
-    leaves_a, treedef_a = _tree.flatten(a, "a")
-    leaves_b, treedef_b = _tree.flatten(b, "b")
-    return treedef_a == treedef_b and all(
-        x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+    leaves_a, treedef = _tree.flatten(a, "a")
+    try:
+        # Walked along a's structure: dicts are equal whatever the order of their keys.
+        leaves_b = _tree.flatten_like(b, treedef, "b")
+    except ValueError:
+        return False
+    return all(
+        isinstance(y, np.ndarray)
+        and x.dtype == y.dtype
+        and x.shape == y.shape
+        and np.array_equal(x, y, equal_nan=True)
         for x, y in zip(leaves_a, leaves_b)
     )
 
@@ -390,12 +397,12 @@ class AdamState:
             if tree is None:
                 continue
             leaves = _tree.flatten_like(tree, m_def, f"AdamState.{name}", "AdamState.m")
-            paths = _tree.leaf_paths(m_def, f"AdamState.{name}")
-            for path, leaf, m_leaf in zip(paths, leaves, m_leaves):
+            paths = _tree.LeafPaths(m_def, f"AdamState.{name}")
+            for index, (leaf, m_leaf) in enumerate(zip(leaves, m_leaves)):
                 if leaf.shape != m_leaf.shape or leaf.dtype != m_leaf.dtype:
                     raise ValueError(
-                        f"{path}: expected {m_leaf.dtype}{list(m_leaf.shape)} like AdamState.m, "
-                        f"got {leaf.dtype}{list(leaf.shape)}"
+                        f"{paths[index]}: expected {m_leaf.dtype}{list(m_leaf.shape)} like "
+                        f"AdamState.m, got {leaf.dtype}{list(leaf.shape)}"
                     )
 
     @classmethod

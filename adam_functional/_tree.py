@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TreeDef", "flatten", "flatten_like", "format_path", "tree_map"]
+__all__ = ["LeafPaths", "TreeDef", "flatten", "flatten_like", "format_path", "tree_map"]
 
 # A node of a tree definition: None for a leaf, else (container type, keys or None, children).
 # For dicts the keys are the dict's keys in order; for lists, tuples and namedtuples they are None.
@@ -25,14 +25,35 @@ TreeDef = Any
 _MAPPINGS = (dict, OrderedDict)
 
 
-def _is_namedtuple(node: object) -> bool:
-    return isinstance(node, tuple) and hasattr(type(node), "_fields")
+def _is_namedtuple_type(kind: type) -> bool:
+    return issubclass(kind, tuple) and hasattr(kind, "_fields")
+
+
+def _is_sequence_type(kind: type) -> bool:
+    """A list, a tuple or a namedtuple: exactly the sequences a tree rebuilds as they were."""
+    return kind is list or kind is tuple or _is_namedtuple_type(kind)
+
+
+class LeafPaths:
+    """The paths of a tree's leaves, formatted only when an error needs one."""
+
+    __slots__ = ("_paths", "root", "treedef")
+
+    def __init__(self, treedef: TreeDef, root: str) -> None:
+        self.treedef = treedef
+        self.root = root
+        self._paths: list[str] | None = None
+
+    def __getitem__(self, index: int) -> str:
+        if self._paths is None:
+            self._paths = leaf_paths(self.treedef, self.root)
+        return self._paths[index]
 
 
 def _container_name(kind: type) -> str:
     if kind in _MAPPINGS:
         return "dict" if kind is dict else kind.__name__
-    if issubclass(kind, tuple) and hasattr(kind, "_fields"):
+    if _is_namedtuple_type(kind):
         return f"namedtuple {kind.__name__}"
     return kind.__name__
 
@@ -59,8 +80,8 @@ class _Field:
 
 def _child_key(kind: type, key: object) -> object:
     # Sequence positions are stored as ints; namedtuple positions print as their field names.
-    if issubclass(kind, tuple) and hasattr(kind, "_fields"):
-        return _Field(kind._fields[key])
+    if _is_namedtuple_type(kind):
+        return _Field(kind._fields[key])  # type: ignore[attr-defined]
     return key
 
 
@@ -96,7 +117,7 @@ def _flatten_into(
             children.append(_flatten_into(value, leaves, root, leaf, keys))
             keys.pop()
         return (kind, tuple(node.keys()), tuple(children))
-    if kind is list or isinstance(node, tuple):
+    if _is_sequence_type(kind):
         children = []
         for index, value in enumerate(node):
             keys.append(_child_key(kind, index))

@@ -6,7 +6,6 @@ pure update writes only arrays it has just made, its inputs are never touched in
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,26 +13,11 @@ import numpy as np
 
 from adam_functional import _kernels, _tree
 from adam_functional._records import AdamConfig, AdamState
+from adam_functional._tree import LeafPaths
 
 __all__ = ["adam_init", "adam_update"]
 
 _FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
-
-
-class LeafPaths:
-    """Formats the path of a leaf only when an error needs it."""
-
-    __slots__ = ("_paths", "root", "treedef")
-
-    def __init__(self, treedef: _tree.TreeDef, root: str) -> None:
-        self.treedef = treedef
-        self.root = root
-        self._paths: list[str] | None = None
-
-    def __getitem__(self, index: int) -> str:
-        if self._paths is None:
-            self._paths = _tree.leaf_paths(self.treedef, self.root)
-        return self._paths[index]
 
 
 def check_params(leaves: Sequence[np.ndarray], paths: LeafPaths) -> None:
@@ -79,11 +63,13 @@ def check_moment(x: Any, p: np.ndarray, path: LeafPaths, index: int) -> None:
         )
 
 
-def find_bad_gradient(grads: Sequence[np.ndarray]) -> tuple[int, str] | None:
+def find_bad_gradient(
+    grads: Sequence[np.ndarray], params: Sequence[np.ndarray]
+) -> tuple[int, str] | None:
     """Returns the index of the first gradient holding NaN, infinity or a value whose square
     overflows, with a description of what it holds; or None when all are fine."""
-    for index, g in enumerate(grads):
-        problem = _kernels.gradient_problem(g)
+    for index, (g, p) in enumerate(zip(grads, params)):
+        problem = _kernels.gradient_problem(g, p.dtype)
         if problem is not None:
             return index, problem
     return None
@@ -108,38 +94,6 @@ def nonfinite_error(problem: str, path: str, config: AdamConfig, streak: int) ->
     return FloatingPointError(
         f"{path}: expected finite gradients, got {problem}; nothing was changed. {advice}"
     )
-
-
-def quiet(config: AdamConfig) -> contextlib.AbstractContextManager[Any]:
-    """The floating-point error state a step's arithmetic runs under.
-
-    With the gradients checked, the arithmetic can only meet NaN, infinity or 0 / 0 when asked
-    to propagate them, or with ``eps = 0`` and a zero second moment. Then a warning, or an error
-    under ``np.seterr(all="raise")``, would only interrupt a step half-way, so these run with
-    floating-point errors ignored; every other step skips the cost of switching.
-    """
-    if config.nonfinite == "propagate" or config.eps == 0.0:
-        return np.errstate(all="ignore")
-    return contextlib.nullcontext()
-
-
-def run_leaf(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    v_max: np.ndarray | None,
-    c: _kernels.Coefficients,
-    out_p: np.ndarray,
-    out_m: np.ndarray,
-    out_v: np.ndarray,
-    out_v_max: np.ndarray | None,
-) -> None:
-    """Runs the active backend's kernel on one leaf (see `_kernels.adam_leaf`).
-
-    Callers run it under `quiet(config)`.
-    """
-    _kernels.leaf_kernel()(p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max)
 
 
 def _require(value: Any, kind: type, name: str) -> None:
@@ -270,7 +224,7 @@ def adam_update(
             check_moment(x, p, m_paths, index)
 
     if config.nonfinite != "propagate":
-        bad = find_bad_gradient(grads_arrays)
+        bad = find_bad_gradient(grads_arrays, p_leaves)
         if bad is not None:
             index, problem = bad
             streak = state.consecutive_skips + 1
@@ -285,8 +239,11 @@ def adam_update(
     c = _kernels.coefficients(config, t)
     m_leaves, v_leaves = moments[0][1], moments[1][1]
     vm_leaves = moments[2][1] if config.amsgrad else [None] * len(p_leaves)
+    kernel = _kernels.prepare()
     new_p, new_m, new_v, new_vm = [], [], [], []
-    with quiet(config):
+    # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it was
+    # asked to propagate) must not interrupt the step half-way, warning or not.
+    with np.errstate(all="ignore"):
         for p, g, m, v, vm in zip(p_leaves, grads_arrays, m_leaves, v_leaves, vm_leaves):
             shape, dtype = p.shape, p.dtype
             out_p, out_m, out_v = (
@@ -295,7 +252,7 @@ def adam_update(
                 np.empty(shape, dtype),
             )
             out_vm = None if vm is None else np.empty(shape, dtype)
-            run_leaf(p, g, m, v, vm, c, out_p, out_m, out_v, out_vm)
+            kernel(p, g, m, v, vm, c, out_p, out_m, out_v, out_vm)
             out_m.flags.writeable = False
             out_v.flags.writeable = False
             if out_vm is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import numbers
+import threading
 import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -19,15 +20,13 @@ import numpy as np
 
 from adam_functional import _kernels, _tree, schedules
 from adam_functional._records import PICKLE_VERSION, AdamConfig, AdamState, _unpickle
+from adam_functional._tree import LeafPaths
 from adam_functional._update import (
-    LeafPaths,
     as_grad,
     check_params,
     find_bad_gradient,
     may_skip,
     nonfinite_error,
-    quiet,
-    run_leaf,
 )
 
 __all__ = ["Adam"]
@@ -102,8 +101,8 @@ class _StateView(Mapping[int, Any]):
     def __getitem__(self, key: int) -> Any:
         value = getattr(self._slots[key], self._field)
         if isinstance(value, np.ndarray):
-            # A live view: it shows the next step's values too. Copy it to keep a snapshot.
-            value = value.view()
+            # A read-only copy: a view of the optimizer's buffer could be made writeable again.
+            value = value.copy()
             value.flags.writeable = False
         return value
 
@@ -184,6 +183,7 @@ class Adam:
         self._config = AdamConfig(lr, beta1, beta2, eps, weight_decay, **options)
         self._slots: dict[int, _Slot] = {}
         self._pending: list[_Slot] = []
+        self._lock = threading.RLock()
 
     @classmethod
     def from_config(cls, config: AdamConfig) -> Adam:
@@ -199,12 +199,12 @@ class Adam:
 
     @property
     def m(self) -> Mapping[int, np.ndarray]:
-        """First moments by ``id()`` of each stepped array (read-only live views)."""
+        """First moments by ``id()`` of each stepped array (read-only copies)."""
         return _StateView(self._slots, "m")
 
     @property
     def v(self) -> Mapping[int, np.ndarray]:
-        """Second raw moments by ``id()`` of each stepped array (read-only live views)."""
+        """Second raw moments by ``id()`` of each stepped array (read-only copies)."""
         return _StateView(self._slots, "v")
 
     @property
@@ -253,11 +253,12 @@ class Adam:
         grads_arrays = [
             as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, p_leaves))
         ]
-        slots, fresh = self._slots_for(p_leaves, paths)
         config = self._config
-
-        if config.nonfinite != "propagate":
-            bad = find_bad_gradient(grads_arrays)
+        bad = None if config.nonfinite == "propagate" else find_bad_gradient(grads_arrays, p_leaves)
+        # One step at a time per optimizer: steps from several threads must not claim the same
+        # restored state, nor register the same array twice.
+        with self._lock:
+            slots, fresh = self._slots_for(p_leaves, paths)
             if bad is not None:
                 index, problem = bad
                 streak = max(slot.consecutive_skips for slot in slots) + 1
@@ -269,24 +270,26 @@ class Adam:
                 self._register(p_leaves, slots, fresh)
                 return
 
-        # Schedules are evaluated (and may raise) before anything is written.
-        by_t: dict[int, _kernels.Coefficients] = {}
-        for slot in slots:
-            if slot.t + 1 not in by_t:
-                by_t[slot.t + 1] = _kernels.coefficients(config, slot.t + 1)
-
-        with quiet(config):
-            for p, g, slot in zip(p_leaves, grads_arrays, slots):
-                if _overlaps(g, p, slot):
-                    # The kernel writes p and the moments block by block; a gradient that shares
-                    # their memory would be read after it was overwritten.
-                    g = np.array(g, copy=True)
+            # Schedules and the environment are read (and may raise) before anything is written.
+            by_t: dict[int, _kernels.Coefficients] = {}
+            for slot in slots:
+                if slot.t + 1 not in by_t:
+                    by_t[slot.t + 1] = _kernels.coefficients(config, slot.t + 1)
+            kernel = _kernels.prepare()
+            # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it
+            # was asked to propagate) must not interrupt the step half-way, warning or not.
+            with np.errstate(all="ignore"):
+                for p, g, slot in zip(p_leaves, grads_arrays, slots):
+                    if _overlaps(g, p, slot):
+                        # The kernel writes p and the moments block by block; a gradient sharing
+                        # their memory would be read after it was overwritten.
+                        g = np.array(g, copy=True)
+                    m, v, v_max = slot.m, slot.v, slot.v_max
+                    kernel(p, g, m, v, v_max, by_t[slot.t + 1], p, m, v, v_max)
+            for slot in slots:
                 slot.t += 1
-                m, v, v_max = slot.m, slot.v, slot.v_max
-                run_leaf(p, g, m, v, v_max, by_t[slot.t], p, m, v, v_max)
                 slot.consecutive_skips = 0
-                slot.restored = False
-        self._register(p_leaves, slots, fresh)
+            self._register(p_leaves, slots, fresh)
 
     def _check_distinct(self, leaves: list[np.ndarray], paths: LeafPaths) -> None:
         seen: dict[int, int] = {}
@@ -338,6 +341,8 @@ class Adam:
     def _register(self, leaves: list[np.ndarray], slots: list[_Slot], claimed: int) -> None:
         del self._pending[:claimed]
         for p, slot in zip(leaves, slots):
+            # A restored state that an array has claimed is that array's for good.
+            slot.restored = False
             if slot.ref is None or slot.ref() is not p:
                 self._bind(p, slot)
 
@@ -426,6 +431,10 @@ class Adam:
           TypeError: an entry holds the wrong kind of value.
         """
         config, slots = _parse_state_dict(state_dict)
+        with self._lock:
+            self._load(config, slots)
+
+    def _load(self, config: AdamConfig, slots: list[_Slot]) -> None:
         live = list(self._slots.items())
         if len(slots) < len(live):
             raise ValueError(

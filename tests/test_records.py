@@ -168,11 +168,19 @@ def test_state_arrays_are_read_only_copies():
         state.m[0] = 2.0
 
 
-def test_state_keeps_frozen_owned_arrays_without_copying():
+def test_state_copies_even_a_read_only_array_its_owner_could_unlock():
     m = np.ones(3)
     m.flags.writeable = False
     state = AdamState(m=m, v=m.copy(), t=0)
-    assert state.m is m
+    m.flags.writeable = True
+    m[0] = 42.0
+    assert state.m[0] == 1.0
+
+
+def test_state_equality_ignores_dict_key_order():
+    a = AdamState(m={"x": np.ones(1), "y": np.zeros(2)}, v={"x": np.ones(1), "y": np.zeros(2)}, t=1)
+    b = AdamState(m={"y": np.zeros(2), "x": np.ones(1)}, v={"y": np.zeros(2), "x": np.ones(1)}, t=1)
+    assert a == b
 
 
 def test_state_copies_read_only_views_of_writeable_memory():
