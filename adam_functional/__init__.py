@@ -7,7 +7,7 @@ The core is `adam_update`, which maps ``(params, grads, state, config)`` to
 
 from importlib.metadata import PackageNotFoundError, version
 
-from adam_functional import schedules
+from adam_functional import checkpoint, schedules
 from adam_functional._kernels import backend
 from adam_functional._records import AdamConfig, AdamState
 from adam_functional._tree import tree_map
@@ -27,6 +27,7 @@ __all__ = [
     "adam_init",
     "adam_update",
     "backend",
+    "checkpoint",
     "schedules",
     "tree_map",
 ]

@@ -307,10 +307,10 @@ def _block(
     # the notebook's operations with the same operands in the same order, so the rounding is the
     # same.
     if gw is not None:
+        # Cast first, then negate: negated in its own dtype, int8's -128 would stay -128.
+        np.copyto(gw, g, casting="same_kind")
         if c.maximize:
-            np.negative(g, out=gw, casting="same_kind")
-        else:
-            np.copyto(gw, g, casting="same_kind")
+            np.negative(gw, out=gw)
         if c.l2 != 0.0:
             np.multiply(p, c.l2, out=t1)
             np.add(gw, t1, out=gw)

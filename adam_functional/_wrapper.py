@@ -246,13 +246,19 @@ class Adam:
                     f"{paths[index]}: expected a writeable array to update in place, "
                     "got a read-only array"
                 )
-        if len(p_leaves) > 1:
-            self._check_distinct(p_leaves, paths)
+        owners = _owners(p_leaves, paths)
         g_leaves = _tree.flatten_like(grads, treedef, "grads")
         g_paths = LeafPaths(treedef, "grads")
         grads_arrays = [
             as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, p_leaves))
         ]
+        for index, g in enumerate(grads_arrays):
+            for other in owners.get(_owner(g), ()):
+                if np.may_share_memory(g, p_leaves[other]):
+                    # The kernel writes the parameters leaf by leaf and block by block; a
+                    # gradient sharing their memory would be read after it was overwritten.
+                    grads_arrays[index] = np.array(g, copy=True)
+                    break
         config = self._config
         bad = None if config.nonfinite == "propagate" else find_bad_gradient(grads_arrays, p_leaves)
         # One step at a time per optimizer: steps from several threads must not claim the same
@@ -280,26 +286,12 @@ class Adam:
             # was asked to propagate) must not interrupt the step half-way, warning or not.
             with np.errstate(all="ignore"):
                 for p, g, slot in zip(p_leaves, grads_arrays, slots):
-                    if _overlaps(g, p, slot):
-                        # The kernel writes p and the moments block by block; a gradient sharing
-                        # their memory would be read after it was overwritten.
-                        g = np.array(g, copy=True)
                     m, v, v_max = slot.m, slot.v, slot.v_max
                     kernel(p, g, m, v, v_max, by_t[slot.t + 1], p, m, v, v_max)
             for slot in slots:
                 slot.t += 1
                 slot.consecutive_skips = 0
             self._register(p_leaves, slots, fresh)
-
-    def _check_distinct(self, leaves: list[np.ndarray], paths: LeafPaths) -> None:
-        seen: dict[int, int] = {}
-        for index, leaf in enumerate(leaves):
-            first = seen.setdefault(id(leaf), index)
-            if first != index:
-                raise ValueError(
-                    f"{paths[index]}: expected each array once, got the same array as "
-                    f"{paths[first]}"
-                )
 
     def _live_slot(self, p: np.ndarray) -> _Slot | None:
         slot = self._slots.get(id(p))
@@ -480,10 +472,44 @@ class Adam:
         return adam
 
 
-def _overlaps(g: np.ndarray, p: np.ndarray, slot: _Slot) -> bool:
-    if np.may_share_memory(g, p):
+def _owner(array: np.ndarray) -> int:
+    """The id of the object that owns ``array``'s memory: arrays of two owners never overlap."""
+    owner: Any = array
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    return id(owner)
+
+
+def _owners(leaves: list[np.ndarray], paths: LeafPaths) -> dict[int, list[int]]:
+    """Groups the leaves by the owner of their memory, refusing leaves that overlap.
+
+    Raises:
+      ValueError: a leaf is the same array as another, or shares memory with one: a step would
+        update that memory twice.
+    """
+    owners: dict[int, list[int]] = {}
+    for index, leaf in enumerate(leaves):
+        group = owners.setdefault(_owner(leaf), [])
+        for other in group:
+            if leaves[other] is leaf:
+                raise ValueError(
+                    f"{paths[index]}: expected each array once, got the same array as "
+                    f"{paths[other]}"
+                )
+            if np.may_share_memory(leaf, leaves[other]) and _shares(leaf, leaves[other]):
+                raise ValueError(
+                    f"{paths[index]}: expected arrays that share no memory, got one that "
+                    f"overlaps {paths[other]}"
+                )
+        group.append(index)
+    return owners
+
+
+def _shares(a: np.ndarray, b: np.ndarray) -> bool:
+    try:
+        return bool(np.shares_memory(a, b, max_work=10_000))  # type: ignore[arg-type]
+    except np.exceptions.TooHardError:  # Too intricate to tell: treat as overlapping.
         return True
-    return g.base is not None and any(np.may_share_memory(g, b) for b in slot.buffers())
 
 
 def _ordinal(position: int) -> str:

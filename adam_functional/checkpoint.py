@@ -144,7 +144,8 @@ def save(path: StrPath, obj: Any) -> None:
         function, an `Adam` (save its ``state_dict()``). The message names the path, such as
         ``obj['layer'][0]``.
       ValueError: ``obj`` contains itself.
-      OSError: the file cannot be written; ``path`` is left as it was.
+      OSError: the file cannot be written (the temporary file needs a writable folder);
+        ``path`` is left as it was.
 
     Examples:
       >>> import tempfile, os
@@ -971,6 +972,11 @@ class _Decoder:
 
     def _state(self, node: dict[str, Any], where: str, like: Any, templated: bool) -> AdamState:
         fields = self._fields(node, _STATE_FIELDS, where)
+        if templated and not (isinstance(like, AdamState) or _is_container(like)):
+            raise ValueError(
+                f"{self.name}: {where}: expected {_describe_template(like)} like `like`, got an "
+                "AdamState"
+            )
         template = like.m if isinstance(like, AdamState) else like
         values = {}
         for name, value in fields.items():

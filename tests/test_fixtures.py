@@ -1,0 +1,186 @@
+"""Old files keep loading: committed pickles and checkpoints resume bit for bit, newer ones refuse.
+
+The files in tests/fixtures/ were written by tests/fixtures/make_fixtures.py (see its docstring)
+with a past release. Each test loads one way of saving a run and resumes it with the stored
+gradients; the parameters must come out exactly as stored. A change that breaks one of these
+breaks the checkpoints of users of that release in the same way: fix the change, never the
+fixture.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections import OrderedDict
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+
+from adam_functional import Adam, AdamConfig, AdamState, adam_update, checkpoint, schedules
+from adam_functional._records import PICKLE_VERSION, _unpickle
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def _fixture(name):
+    return FIXTURES / name
+
+
+def _load_pickle(name):
+    return pickle.loads(_fixture(name).read_bytes())
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [leaf for key in tree for leaf in _leaves(tree[key])]
+    if isinstance(tree, list | tuple):
+        return [leaf for item in tree for leaf in _leaves(item)]
+    return [tree]
+
+
+def _assert_bits(got, expected):
+    got_leaves, expected_leaves = _leaves(got), _leaves(expected)
+    assert len(got_leaves) == len(expected_leaves)
+    for a, b in zip(got_leaves, expected_leaves):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.tobytes() == b.tobytes(), "the resume must give the stored numbers bit for bit"
+
+
+@pytest.fixture(scope="module")
+def grads():
+    return checkpoint.load(_fixture("grads.ckpt"), kind="tree")
+
+
+def _resume_pure(params, state, config, grads):
+    for g in grads:
+        params, state = adam_update(params, g, state, config)
+    return params
+
+
+def test_the_fixtures_are_small():
+    assert sum(path.stat().st_size for path in FIXTURES.iterdir()) < 200_000
+
+
+def test_the_pickled_pure_run_resumes_bit_for_bit(grads):
+    params = _load_pickle("params.pkl")
+    state = _load_pickle("state.pkl")
+    config = _load_pickle("config.pkl")
+    assert type(state) is AdamState and state.t == 5 and state.v_max is not None
+    assert type(config) is AdamConfig and type(config.lr) is schedules.Join and config.amsgrad
+    final = _resume_pure(params, state, config, grads)
+    _assert_bits(final, checkpoint.load(_fixture("expected_pure.ckpt")))
+
+
+def test_the_checkpointed_pure_run_resumes_bit_for_bit(grads):
+    params = checkpoint.load(_fixture("params.ckpt"), kind="tree")
+    state = checkpoint.load(_fixture("state.ckpt"), kind="AdamState", like=params)
+    config = checkpoint.load(_fixture("config.ckpt"), kind="AdamConfig")
+    assert state == _load_pickle("state.pkl") and config == _load_pickle("config.pkl")
+    final = _resume_pure(params, state, config, grads)
+    _assert_bits(final, checkpoint.load(_fixture("expected_pure.ckpt")))
+
+
+def test_the_pickled_adam_resumes_bit_for_bit(grads):
+    params, opt = _load_pickle("adam.pkl")
+    assert type(opt) is Adam and opt.t[id(params["enc"][0][0])] == 5
+    for g in grads:
+        opt.step(params, g)
+    _assert_bits(params, checkpoint.load(_fixture("expected_adam.ckpt")))
+
+
+def test_the_checkpointed_adam_state_dict_resumes_bit_for_bit(grads):
+    params = checkpoint.load(_fixture("adam_params.ckpt"), kind="tree")
+    opt = Adam()
+    opt.load_state_dict(checkpoint.load(_fixture("adam_state_dict.ckpt"), kind="state_dict"))
+    _, pickled = _load_pickle("adam.pkl")
+    assert opt.config == pickled.config
+    for g in grads:
+        opt.step(params, g)
+    _assert_bits(params, checkpoint.load(_fixture("expected_adam.ckpt")))
+
+
+def test_every_node_type_of_the_format_still_reads_the_same():
+    got = checkpoint.load(_fixture("every_node.ckpt"))
+    assert type(got) is OrderedDict and list(got) == ["arrays", "scalars", "numpy", "pair"]
+    arrays = got["arrays"]
+    assert arrays[0].dtype == np.int16 and arrays[0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert arrays[1].dtype == np.bool_ and arrays[1].shape == () and bool(arrays[1])
+    assert arrays[2].dtype == np.float64 and arrays[2].shape == (0,)
+    none, true, big, tenth, negative_zero, inf, text = got["scalars"]
+    assert type(got["scalars"]) is tuple
+    assert none is None and true is True and big == -(2**70) and type(big) is int
+    assert tenth == 0.1 and math.copysign(1.0, negative_zero) == -1.0 and inf == math.inf
+    assert text == "ünï"
+    numpy = got["numpy"]
+    assert type(numpy) is dict and list(numpy) == ["f16", "c64", 7]
+    assert type(numpy["f16"]) is np.float16 and numpy["f16"] == 1.5
+    assert type(numpy["c64"]) is np.complex64 and numpy["c64"] == 1 - 2j
+    assert type(numpy[7]) is np.uint8 and numpy[7] == 255
+    pair = got["pair"]
+    assert type(pair).__name__ == "Pair" and type(pair)._fields == ("left", "right")
+    assert pair.left.dtype == np.float32 and pair.left[0] == 1.0 and np.isnan(pair.left[1])
+    assert pair.right == {}
+
+
+# -------------------------------------------------------------------------------------------------
+# Pickles from a newer release are refused with a clear error.
+
+
+class _FromANewerRelease:
+    """Pickles like a record written by a release with a newer pickle format version."""
+
+    def __init__(self, cls, fields, version=PICKLE_VERSION + 1):
+        self.cls, self.fields, self.version = cls, fields, version
+
+    def __reduce__(self):
+        return (_unpickle, (self.cls, self.version, self.fields))
+
+
+def _fields_of(obj):
+    function, (cls, version, fields) = obj.__reduce__()
+    assert function is _unpickle and version == PICKLE_VERSION and cls is type(obj)
+    return fields
+
+
+def _records():
+    state = _load_pickle("state.pkl")
+    config = _load_pickle("config.pkl")
+    _, opt = _load_pickle("adam.pkl")
+    return [state, config, opt]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["AdamState", "AdamConfig", "Adam"])
+def test_a_pickle_from_a_newer_release_is_refused(index):
+    record = _records()[index]
+    name = type(record).__name__
+    payload = pickle.dumps(_FromANewerRelease(type(record), _fields_of(record)), protocol=4)
+    with pytest.raises(
+        ValueError,
+        match=rf"^cannot unpickle {name}: expected format version <= {PICKLE_VERSION}, got "
+        rf"{PICKLE_VERSION + 1}; it was written by a newer adam_functional, upgrade to read it$",
+    ):
+        pickle.loads(payload)
+    # The same fields at this release's version load: only the version was refused.
+    same = pickle.loads(pickle.dumps(_FromANewerRelease(type(record), _fields_of(record), 1)))
+    assert type(same) is type(record)
+
+
+def test_a_newer_pickle_inside_a_tree_is_refused_before_anything_is_used():
+    _, opt = _load_pickle("adam.pkl")
+    payload = pickle.dumps(
+        {"params": np.ones(2), "opt": _FromANewerRelease(Adam, _fields_of(opt), 7)}, protocol=4
+    )
+    with pytest.raises(ValueError, match=r"^cannot unpickle Adam: .* got 7; it was written by a"):
+        pickle.loads(payload)
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, None])
+def test_a_pickle_version_that_is_not_an_int_is_refused(version):
+    config = AdamConfig()
+    payload = pickle.dumps(
+        _FromANewerRelease(AdamConfig, attrs.asdict(config, recurse=False), version)
+    )
+    with pytest.raises(ValueError, match=rf"^cannot unpickle AdamConfig: .* got {version!r};"):
+        pickle.loads(payload)
