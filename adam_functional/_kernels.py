@@ -12,10 +12,8 @@ bit-for-bit those of the notebook's class. float16 is computed in float32: NumPy
 
 from __future__ import annotations
 
-import concurrent.futures
 import importlib.util
 import os
-import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -154,53 +152,6 @@ def adam_leaf(
         out_p[...] = flat_out_p.reshape(out_p.shape)
 
 
-#: Arrays of at least this many elements are split over the cores (see `threads`).
-PARALLEL_THRESHOLD = 1 << 17
-
-
-def threads() -> int:
-    """How many threads a large array is split over: ``ADAM_FUNCTIONAL_THREADS``, else the
-    cores this process may run on. NumPy's ufuncs release the GIL, so blocks run in parallel."""
-    forced = os.environ.get("ADAM_FUNCTIONAL_THREADS", "").strip()
-    if forced:
-        try:
-            return max(1, int(forced))
-        except ValueError:
-            raise ValueError(
-                f"ADAM_FUNCTIONAL_THREADS: expected an int >= 1, got {forced!r}"
-            ) from None
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # Not on Linux.
-        return os.cpu_count() or 1
-
-
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> concurrent.futures.ThreadPoolExecutor:
-    # One pool for the process, never replaced (a step on another thread may be using it): as
-    # many workers as cores, or as ADAM_FUNCTIONAL_THREADS asks for if that is more.
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = concurrent.futures.ThreadPoolExecutor(
-                max(threads(), os.cpu_count() or 1), "adam_functional"
-            )
-        return _pool
-
-
-def _forget_pool() -> None:
-    # A forked child has the parent's pool object but none of its threads.
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
 def _blocks(
     p: np.ndarray,
     g: np.ndarray,
@@ -215,25 +166,11 @@ def _blocks(
     work: np.dtype,
     transform_g: bool,
 ) -> None:
-    # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache. A large
-    # array is cut into one contiguous range of blocks per thread; the caller's thread takes one.
-    n = p.shape[0]
-    arrays = (p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max, work, transform_g)
-    workers = min(threads(), n // (PARALLEL_THRESHOLD // 2)) if n >= PARALLEL_THRESHOLD else 1
-    if workers <= 1:
-        _block_range(*arrays, 0, n)
-        return
-    blocks = -(-n // BLOCK_SIZE)
-    bounds = [min(n, (blocks * i // workers) * BLOCK_SIZE) for i in range(workers + 1)]
-    pool = _executor()
-    futures = [
-        pool.submit(_block_range, *arrays, bounds[i], bounds[i + 1]) for i in range(1, workers)
-    ]
-    try:
-        _block_range(*arrays, bounds[0], bounds[1])
-    finally:
-        for future in futures:
-            future.result()
+    # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache. (Splitting
+    # the blocks over threads was measured slower: the GIL between NumPy calls serializes them.)
+    _block_range(
+        p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max, work, transform_g, 0, p.shape[0]
+    )
 
 
 def _block_range(
@@ -259,7 +196,6 @@ def _block_range(
     # narrower than the work dtype (float16); otherwise the kernel works on the arrays directly.
     cast = p.dtype != work
     staged = [np.empty(size, work) for _ in range(4 if c.amsgrad else 3)] if cast else None
-    # np.errstate is per thread: a worker sets its own, as the step does on its thread.
     with np.errstate(all="ignore"):
         for start in range(begin, end, BLOCK_SIZE):
             stop = min(start + BLOCK_SIZE, end)
@@ -477,10 +413,9 @@ def _resolve() -> tuple[str, Callable[..., None]]:
 def prepare() -> Callable[..., None]:
     """Returns the active backend's `adam_leaf`, for a step about to write.
 
-    Everything that reads the environment happens here, before anything is written: choosing
-    the backend at the first call (which may raise), and checking ``ADAM_FUNCTIONAL_THREADS``.
+    The backend is chosen (reading the environment, which may raise) here, at the first step,
+    before anything is written.
     """
-    threads()
     return _resolve()[1]
 
 

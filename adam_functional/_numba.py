@@ -21,8 +21,8 @@ from adam_functional import _kernels
 
 __all__ = ["adam_leaf"]
 
-# From this many elements on, the work is split over the cores, as in the NumPy backend.
-PARALLEL_THRESHOLD = _kernels.PARALLEL_THRESHOLD
+# Below this many elements one thread does the work: starting the others costs more than it saves.
+PARALLEL_THRESHOLD = 1 << 17
 # numba's default thread pool (workqueue) aborts the process when two threads enter parallel code
 # at once; the parallel loop is entered by one step at a time.
 _parallel_lock = threading.Lock()

@@ -97,30 +97,6 @@ def test_numba_parallel_path_agrees(dtype):
         _assert_same(expected, got)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_numpy_threads_agree_with_one_thread(monkeypatch, dtype):
-    rng = np.random.default_rng(3)
-    n = 3 * _kernels.PARALLEL_THRESHOLD + 7
-    config = CONFIGS[3]
-    p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=5)
-    results = []
-    for count in ("1", "3"):
-        monkeypatch.setenv("ADAM_FUNCTIONAL_THREADS", count)
-        assert _kernels.threads() == int(count)
-        out = _fresh(p, v_max)
-        _kernels.adam_leaf(p, g, m, v, v_max, c, *out)
-        results.append(out)
-    _assert_same(*results)
-
-
-def test_threads_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("ADAM_FUNCTIONAL_THREADS", "many")
-    with pytest.raises(
-        ValueError, match=r"ADAM_FUNCTIONAL_THREADS: expected an int >= 1, got 'many'"
-    ):
-        _kernels.threads()
-
-
 @pytest.mark.parametrize("name", BACKENDS)
 def test_special_values_agree(name):
     values = np.array([0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, np.nan, np.inf, -np.inf, 1.0])

@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-from _util import snapshot, wrapper_snapshot
 
 from adam_functional import Adam, AdamConfig, _kernels, adam_init, adam_update
 
@@ -34,18 +33,6 @@ def test_underflow_under_seterr_raise_does_not_interrupt_a_step():
     np.testing.assert_array_equal(a, new[0])
     np.testing.assert_array_equal(b, new[1])
     assert opt.t[id(a)] == opt.t[id(b)] == state.t == 1
-
-
-def test_a_bad_thread_setting_raises_before_anything_is_written(monkeypatch):
-    small, big = np.ones(3), np.ones(_kernels.PARALLEL_THRESHOLD + 1)
-    opt = Adam(lr=0.1)
-    monkeypatch.setenv("ADAM_FUNCTIONAL_THREADS", "four")
-    before = (snapshot([small, big]), wrapper_snapshot(opt))
-    with pytest.raises(
-        ValueError, match=r"ADAM_FUNCTIONAL_THREADS: expected an int >= 1, got 'four'"
-    ):
-        opt.step([small, big], [np.ones(3), np.ones(big.shape)])
-    assert (snapshot([small, big]), wrapper_snapshot(opt)) == before
 
 
 @pytest.mark.parametrize("name", ["numpy", "numba"])
