@@ -168,60 +168,39 @@ def _blocks(
 ) -> None:
     # Flat arrays, in blocks of BLOCK_SIZE elements: every temporary stays in cache. (Splitting
     # the blocks over threads was measured slower: the GIL between NumPy calls serializes them.)
-    _block_range(
-        p, g, m, v, v_max, c, out_p, out_m, out_v, out_v_max, work, transform_g, 0, p.shape[0]
-    )
-
-
-def _block_range(
-    p: np.ndarray,
-    g: np.ndarray,
-    m: np.ndarray,
-    v: np.ndarray,
-    v_max: np.ndarray | None,
-    c: Coefficients,
-    out_p: np.ndarray,
-    out_m: np.ndarray,
-    out_v: np.ndarray,
-    out_v_max: np.ndarray | None,
-    work: np.dtype,
-    transform_g: bool,
-    begin: int,
-    end: int,
-) -> None:
-    size = min(end - begin, BLOCK_SIZE)
+    end = p.shape[0]
+    size = min(end, BLOCK_SIZE)
     t1, t2 = np.empty(size, work), np.empty(size, work)
     gw = np.empty(size, work) if transform_g else None
     # Parameters, moments and their outputs are loaded into these when the storage dtype is
     # narrower than the work dtype (float16); otherwise the kernel works on the arrays directly.
     cast = p.dtype != work
     staged = [np.empty(size, work) for _ in range(4 if c.amsgrad else 3)] if cast else None
-    with np.errstate(all="ignore"):
-        for start in range(begin, end, BLOCK_SIZE):
-            stop = min(start + BLOCK_SIZE, end)
-            k = stop - start
-            gwb = None if gw is None else gw[:k]
-            pb, gb, mb, vb = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
-            opb, omb, ovb = out_p[start:stop], out_m[start:stop], out_v[start:stop]
-            vmb = v_max[start:stop] if v_max is not None else None
-            ovmb = out_v_max[start:stop] if out_v_max is not None else None
-            if staged is not None:
-                sp, sm, sv = staged[0][:k], staged[1][:k], staged[2][:k]
-                np.copyto(sp, pb)
-                np.copyto(sm, mb)
-                np.copyto(sv, vb)
-                svm = None
-                if vmb is not None:
-                    svm = staged[3][:k]
-                    np.copyto(svm, vmb)
-                _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gwb)
-                np.copyto(opb, sp, casting="same_kind")
-                np.copyto(omb, sm, casting="same_kind")
-                np.copyto(ovb, sv, casting="same_kind")
-                if ovmb is not None and svm is not None:
-                    np.copyto(ovmb, svm, casting="same_kind")
-            else:
-                _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gwb)
+    for start in range(0, end, BLOCK_SIZE):
+        stop = min(start + BLOCK_SIZE, end)
+        k = stop - start
+        gwb = None if gw is None else gw[:k]
+        pb, gb, mb, vb = p[start:stop], g[start:stop], m[start:stop], v[start:stop]
+        opb, omb, ovb = out_p[start:stop], out_m[start:stop], out_v[start:stop]
+        vmb = v_max[start:stop] if v_max is not None else None
+        ovmb = out_v_max[start:stop] if out_v_max is not None else None
+        if staged is not None:
+            sp, sm, sv = staged[0][:k], staged[1][:k], staged[2][:k]
+            np.copyto(sp, pb)
+            np.copyto(sm, mb)
+            np.copyto(sv, vb)
+            svm = None
+            if vmb is not None:
+                svm = staged[3][:k]
+                np.copyto(svm, vmb)
+            _block(sp, gb, sm, sv, svm, c, sp, sm, sv, svm, t1[:k], t2[:k], gwb)
+            np.copyto(opb, sp, casting="same_kind")
+            np.copyto(omb, sm, casting="same_kind")
+            np.copyto(ovb, sv, casting="same_kind")
+            if ovmb is not None and svm is not None:
+                np.copyto(ovmb, svm, casting="same_kind")
+        else:
+            _block(pb, gb, mb, vb, vmb, c, opb, omb, ovb, ovmb, t1[:k], t2[:k], gwb)
 
 
 def _block(
