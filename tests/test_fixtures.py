@@ -29,6 +29,9 @@ def _fixture(name):
 
 
 def _load_pickle(name):
+    if int(np.__version__.split(".")[0]) < 2:
+        # The fixtures were pickled with NumPy 2, whose arrays pickle by `numpy._core` names.
+        pytest.skip("the pickle fixtures were written with NumPy 2 and need it to load")
     return pickle.loads(_fixture(name).read_bytes())
 
 
