@@ -213,8 +213,16 @@ class Adam:
         return _StateView(self._slots, "t")
 
     def __repr__(self) -> str:
-        count = len(self._slots)
-        return f"Adam({self._config!r}, arrays={count}, pending={len(self._pending)})"
+        # The hyperparameters that differ from the defaults, then how many arrays it holds.
+        parts = [
+            f"{field.name}={getattr(self._config, field.name)!r}"
+            for field in attrs.fields(AdamConfig)
+            if getattr(self._config, field.name) != field.default
+        ]
+        parts.append(f"arrays={len(self._slots)}")
+        if self._pending:
+            parts.append(f"pending={len(self._pending)}")
+        return f"Adam({', '.join(parts)})"
 
     # -----------------------------------------------------------------------------------------
     # Stepping.
