@@ -1,4 +1,7 @@
-"""The arithmetic of one Adam step on one array: the only place the formula is written.
+"""The arithmetic of one Adam step on one array, and the choice of backend.
+
+This is the reference form of the formula; `_numba` holds its compiled twin, which the tests hold
+to the same results bit for bit.
 
 `adam_leaf` reads ``p``, ``g``, ``m``, ``v`` and writes the new ``p``, ``m``, ``v`` into
 arrays it is given. The pure update gives it fresh arrays; the in-place wrapper gives it the arrays
