@@ -49,7 +49,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
-from adam_functional import Adam, AdamConfig, _kernels, adam_init, adam_update, backend, schedules
+from adam_functional import (
+    Adam,
+    AdamConfig,
+    _kernels,
+    adam_init,
+    adam_update,
+    backend,
+    bench,
+    schedules,
+)
 from adam_functional._kernels import BLOCK_SIZE
 
 BACKENDS = {"numpy": _kernels.adam_leaf}
@@ -711,34 +720,8 @@ def test_comparison_tells_a_wrong_formula_from_the_right_one(mistake):
 # Bit for bit the notebook's class in float64.
 
 
-class NotebookAdam:
-    """The seed notebook's ``Adam`` class, its code verbatim (docstrings and comments dropped)."""
-
-    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
-        self.lr = lr
-        self.beta1 = beta1
-        self.beta2 = beta2
-        self.eps = eps
-        self.weight_decay = weight_decay
-        self.m = {}
-        self.v = {}
-        self.t = {}
-
-    def step(self, params, grads):
-        param_id = id(params)
-        if param_id not in self.m:
-            self.m[param_id] = np.zeros_like(params)
-            self.v[param_id] = np.zeros_like(params)
-            self.t[param_id] = 0
-        self.t[param_id] += 1
-        t = self.t[param_id]
-        if self.weight_decay > 0:
-            grads = grads + self.weight_decay * params
-        self.m[param_id] = self.beta1 * self.m[param_id] + (1 - self.beta1) * grads
-        self.v[param_id] = self.beta2 * self.v[param_id] + (1 - self.beta2) * (grads**2)
-        m_hat = self.m[param_id] / (1 - self.beta1**t)
-        v_hat = self.v[param_id] / (1 - self.beta2**t)
-        params[:] = params - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+# The seed notebook's class, as the benchmark vendors it: its code verbatim.
+NotebookAdam = bench.NotebookAdam
 
 
 NOTEBOOK_CONFIGS = {
