@@ -1,0 +1,237 @@
+"""The plain-data form of an optimizer's state: `Adam.state_dict` and `Adam.load_state_dict`.
+
+A state dict holds no class of this package, only dicts, lists, NumPy arrays and Python scalars, so
+it can be stored without pickle::
+
+    {
+        "format": "adam_functional.Adam",   # FORMAT
+        "version": 1,                       # VERSION; a newer one is refused
+        "config": {"lr": 0.001, "beta1": 0.9, ...},   # AdamConfig's fields (None ones left out),
+                                                      # lr a number or schedules.to_dict(...)
+        "state": [                          # one entry per array, in first-step order
+            {"m": array, "v": array, "t": 3, "skipped": 0, "consecutive_skips": 0},
+            ...                             # "v_max" too when amsgrad
+        ],
+        "names": ["w", "b", ...],           # optional: one name per entry
+    }
+
+Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``. `build` makes the
+dict; `parse` checks one strictly (every key, kind, range and shape) and turns it back into
+records, so that nothing it returns can surprise a kernel.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from adam_functional import schedules
+from adam_functional._records import AdamConfig, AdamState
+
+__all__ = ["FORMAT", "VERSION", "build", "parse"]
+
+#: The ``format`` entry of a state dict.
+FORMAT = "adam_functional.Adam"
+#: The version this release writes; `parse` reads every version up to it.
+VERSION = 1
+
+_KEYS = ("format", "version", "config", "state")
+_OPTIONAL_KEYS = ("names",)
+_COUNTS = ("t", "skipped", "consecutive_skips")
+_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize")
+_OPTIONAL_INTS = ("max_consecutive_skips",)
+_CONFIG_FIELDS = tuple(field.name for field in attrs.fields(AdamConfig))
+
+
+def build(
+    config: AdamConfig, states: Sequence[AdamState], names: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Returns the state dict of ``config`` and one `AdamState` per array (arrays copied).
+
+    Raises:
+      TypeError: the learning rate is a custom callable, which is not plain data.
+    """
+    lr = config.lr
+    # A field left at None is left out (np.savez cannot store None); parsing restores it.
+    fields = {k: v for k, v in attrs.asdict(config, recurse=False).items() if v is not None}
+    if not isinstance(lr, float):
+        try:
+            fields["lr"] = schedules.to_dict(lr)
+        except TypeError as error:
+            raise TypeError(
+                f"Adam.state_dict: the learning rate {lr!r} cannot be stored as plain data "
+                "(only numbers and the schedules of adam_functional.schedules can); pickle "
+                "the optimizer instead"
+            ) from error
+    entries = []
+    for state in states:
+        entry: dict[str, Any] = {"m": np.array(state.m), "v": np.array(state.v)}
+        if state.v_max is not None:
+            entry["v_max"] = np.array(state.v_max)
+        entry.update((name, getattr(state, name)) for name in _COUNTS)
+        entries.append(entry)
+    result: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": fields}
+    result["state"] = entries
+    if names is not None:
+        result["names"] = list(names)
+    return result
+
+
+def parse(state_dict: Any) -> tuple[AdamConfig, list[AdamState], list[str] | None]:
+    """Checks a state dict and returns its config, one `AdamState` per entry, and the names.
+
+    Raises:
+      ValueError: the dict is malformed (a missing or unknown key, a value out of range, arrays
+        of different shapes within an entry) or from a newer release.
+      TypeError: a value is of the wrong kind.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
+    _check_keys(state_dict, _KEYS, _OPTIONAL_KEYS, "state_dict")
+    fmt = _scalar(state_dict["format"], "state_dict['format']", str)
+    if fmt != FORMAT:
+        raise ValueError(f"state_dict['format']: expected {FORMAT!r}, got {fmt!r}")
+    version = _scalar(state_dict["version"], "state_dict['version']", int)
+    if not 1 <= version <= VERSION:
+        raise ValueError(
+            f"state_dict['version']: expected 1 to {VERSION}, got {version}; a newer "
+            "adam_functional wrote it"
+        )
+    config = _parse_config(state_dict["config"])
+    entries = state_dict["state"]
+    if not isinstance(entries, list | tuple):
+        raise TypeError(f"state_dict['state']: expected a list, got {type(entries).__name__}")
+    states = [
+        _parse_entry(entry, config, f"state_dict['state'][{position}]")
+        for position, entry in enumerate(entries)
+    ]
+    names = _parse_names(state_dict.get("names"), len(states))
+    return config, states, names
+
+
+def _check_keys(
+    mapping: Mapping[Any, Any], required: Sequence[str], optional: Sequence[str], where: str
+) -> None:
+    for key in required:
+        if key not in mapping:
+            raise ValueError(f"{where}: expected the key {key!r}, got keys {list(mapping)}")
+    unknown = [key for key in mapping if key not in required and key not in optional]
+    if unknown:
+        raise ValueError(
+            f"{where}: unexpected keys {unknown!r}; expected only {[*required, *optional]!r}"
+        )
+
+
+def _scalar(value: Any, where: str, kind: type) -> Any:
+    """Unwraps a 0-d array (as ``np.savez`` gives back) into a Python scalar of ``kind``."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+    elif kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise TypeError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+    if kind is float:
+        return _finite_float(value, where)
+    return kind(value)
+
+
+def _finite_float(value: Any, where: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{where}: expected a float, got an int too large for one") from None
+
+
+def _unwrap_scalars(value: Any) -> Any:
+    """Turns the 0-d arrays that ``np.savez`` gives back into Python scalars, recursively."""
+    if isinstance(value, Mapping):
+        return {key: _unwrap_scalars(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_unwrap_scalars(item) for item in value]
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _parse_config(raw: Any) -> AdamConfig:
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"state_dict['config']: expected a dict, got {type(raw).__name__}")
+    required = [name for name in _CONFIG_FIELDS if name not in _OPTIONAL_INTS]
+    _check_keys(raw, required, _OPTIONAL_INTS, "state_dict['config']")
+    fields: dict[str, Any] = {}
+    for name in _CONFIG_FIELDS:
+        value = raw.get(name)
+        where = f"state_dict['config'][{name!r}]"
+        if name == "lr" and isinstance(value, Mapping):
+            value = schedules.from_dict(_unwrap_scalars(value))
+        elif name == "nonfinite":
+            value = _scalar(value, where, str)
+        elif name in _FLAGS:
+            value = _scalar(value, where, bool)
+        elif name in _OPTIONAL_INTS:
+            value = None if value is None else _scalar(value, where, int)
+        else:
+            value = _scalar(value, where, float)
+        fields[name] = value
+    return AdamConfig(**fields)
+
+
+def _parse_entry(entry: Any, config: AdamConfig, where: str) -> AdamState:
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"{where}: expected a dict, got {type(entry).__name__}")
+    names = ("m", "v", "v_max") if config.amsgrad else ("m", "v")
+    if not config.amsgrad and "v_max" in entry:
+        raise ValueError(f"{where}: unexpected key 'v_max' with amsgrad=False")
+    _check_keys(entry, (*names, *_COUNTS), (), where)
+    arrays: list[np.ndarray] = []
+    for name in names:
+        array = entry[name]
+        if type(array) is not np.ndarray or array.dtype.kind != "f":
+            raise TypeError(
+                f"{where}[{name!r}]: expected a floating-point NumPy array, got "
+                f"{_describe(array)}"
+            )
+        if arrays and (array.shape != arrays[0].shape or array.dtype != arrays[0].dtype):
+            raise ValueError(
+                f"{where}[{name!r}]: expected dtype {arrays[0].dtype} and shape "
+                f"{arrays[0].shape} like 'm', got dtype {array.dtype} and shape {array.shape}"
+            )
+        arrays.append(array)
+    counts = {name: _scalar(entry[name], f"{where}[{name!r}]", int) for name in _COUNTS}
+    for name, count in counts.items():
+        if count < 0:
+            raise ValueError(f"{where}[{name!r}]: expected an int >= 0, got {count}")
+    v_max = arrays[2] if config.amsgrad else None
+    return AdamState(m=arrays[0], v=arrays[1], v_max=v_max, **counts)
+
+
+def _describe(value: Any) -> str:
+    dtype = getattr(value, "dtype", None)
+    if isinstance(value, np.ndarray):
+        return f"{type(value).__name__} of dtype {dtype}"
+    return type(value).__name__
+
+
+def _parse_names(raw: Any, count: int) -> list[str] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list | tuple):
+        raise TypeError(f"state_dict['names']: expected a list of str, got {type(raw).__name__}")
+    names = [_scalar(name, f"state_dict['names'][{i}]", str) for i, name in enumerate(raw)]
+    if len(names) != count:
+        raise ValueError(
+            f"state_dict['names']: expected {count} names, one per entry of 'state', "
+            f"got {len(names)}"
+        )
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"state_dict['names']: expected distinct names, got {duplicate!r} twice")
+    return names
