@@ -5,19 +5,13 @@ The core is `adam_update`, which maps ``(params, grads, state, config)`` to
 ``Adam(lr=0.01).step(W, grads)`` updates ``W`` in place with the same arithmetic.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from adam_functional import checkpoint, schedules
 from adam_functional._kernels import backend
 from adam_functional._records import AdamConfig, AdamState
 from adam_functional._tree import tree_map
 from adam_functional._update import adam_init, adam_update
+from adam_functional._version import __version__
 from adam_functional._wrapper import Adam
-
-try:
-    __version__ = version("adam-functional")
-except PackageNotFoundError:  # Imported from a source tree that was never installed.
-    __version__ = "0+unknown"
 
 __all__ = [
     "Adam",
