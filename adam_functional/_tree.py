@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LeafPaths", "TreeDef", "flatten", "flatten_like", "format_path", "tree_map"]
+__all__ = [
+    "LeafPaths",
+    "TreeDef",
+    "flatten",
+    "flatten_like",
+    "format_path",
+    "is_namedtuple_type",
+    "tree_map",
+]
 
 # A node of a tree definition: None for a leaf, else (container type, keys or None, children).
 # For dicts the keys are the dict's keys in order; for lists, tuples and namedtuples they are None.
@@ -25,13 +33,14 @@ TreeDef = Any
 _MAPPINGS = (dict, OrderedDict)
 
 
-def _is_namedtuple_type(kind: type) -> bool:
+def is_namedtuple_type(kind: type) -> bool:
+    """Whether ``kind`` is a namedtuple class (a tuple subclass with ``_fields``)."""
     return issubclass(kind, tuple) and hasattr(kind, "_fields")
 
 
 def _is_sequence_type(kind: type) -> bool:
     """A list, a tuple or a namedtuple: exactly the sequences a tree rebuilds as they were."""
-    return kind is list or kind is tuple or _is_namedtuple_type(kind)
+    return kind is list or kind is tuple or is_namedtuple_type(kind)
 
 
 class LeafPaths:
@@ -53,7 +62,7 @@ class LeafPaths:
 def _container_name(kind: type) -> str:
     if kind in _MAPPINGS:
         return "dict" if kind is dict else kind.__name__
-    if _is_namedtuple_type(kind):
+    if is_namedtuple_type(kind):
         return f"namedtuple {kind.__name__}"
     return kind.__name__
 
@@ -80,7 +89,7 @@ class _Field:
 
 def _child_key(kind: type, key: object) -> object:
     # Sequence positions are stored as ints; namedtuple positions print as their field names.
-    if _is_namedtuple_type(kind):
+    if is_namedtuple_type(kind):
         return _Field(kind._fields[key])  # type: ignore[attr-defined]
     return key
 
