@@ -31,12 +31,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from adam_functional import Adam, AdamConfig, AdamState, adam_init, adam_update, schedules
-from adam_functional._kernels import BLOCK_SIZE
+
+# The NumPy kernel's block size: the kernel walks arrays longer than this in blocks of it.
+BLOCK_SIZE = 8192
 
 DTYPES = (np.float16, np.float32, np.float64)
 LAYOUTS = ("C", "F", "strided", "reversed")
@@ -272,6 +274,7 @@ def check_step(params, grads, state, new_params, new_state, before) -> None:
             leaf[...] = 0
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_adam_update_is_pure(data):
@@ -329,6 +332,7 @@ def poison(tree: Any, index: int, position: int, value: float) -> None:
     target[np.unravel_index(position, target.shape)] = value
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(data=st.data())
 def test_a_skipped_step_returns_copies_and_counts_the_skip(data):
@@ -337,9 +341,8 @@ def test_a_skipped_step_returns_copies_and_counts_the_skip(data):
     config = AdamConfig(**kwargs)
     params, (good, bad) = draw_problem(data, skeleton)
     sizes = [leaf.size for leaf in leaves(params)]
-    index = data.draw(st.sampled_from([i for i, size in enumerate(sizes) if size] or [-1]))
-    if index < 0:
-        return  # Nothing to hold a NaN: every leaf is empty.
+    assume(any(sizes))  # Something must hold the NaN.
+    index = data.draw(st.sampled_from([i for i, size in enumerate(sizes) if size]))
     position = data.draw(st.integers(0, sizes[index] - 1))
     poison(bad, index, position, data.draw(st.sampled_from([np.nan, np.inf, -np.inf])))
 
