@@ -11,27 +11,10 @@ exist), compared by value, hashable and picklable. `to_dict` and `from_dict` tur
 them into plain data (str, int, float, bool, None, list, dict) and back, for state dicts that
 avoid pickle.
 
-How ``t`` maps to optax: optax calls a schedule with ``count``, the number of updates done
-*before* the current one (0-based), so its k-th update uses ``schedule(k - 1)``; here the k-th
-update uses ``schedule(k)``. The formulas are optax's with ``count`` replaced by ``t``, so up to
-rounding
-
-- ``CosineDecay(v, n, end_value=e)(t) == optax.cosine_decay_schedule(v, n, alpha=e / v)(t)``
-  (for ``v > 0``),
-- ``LinearWarmup(p, n, init_value=v)(t) == optax.linear_schedule(v, p, n)(t)``,
-- ``ExponentialDecay(v, r, n)(t) == optax.exponential_decay(v, n, r)(t)``,
-
-and what differs is only which step gets which value: with the same arguments, step k here gets
-the rate optax gives to its step k + 1. In particular the first update gets ``schedule(1)``,
-not ``init_value`` (a warmup from 0 already gives step 1 a non-zero rate, where optax's first
-update has rate 0), and a curve reaches its target (the peak of a warmup, the ``end_value`` of
-a decay) at step n here, at step n + 1 in optax. `Join` switches to schedule i + 1 at step
-``boundaries[i] + 1``, as ``optax.join_schedules`` does, but hands it a count that starts at 1
-there, where optax's starts at 0: each piece runs one step ahead of optax's while the switches
-stay in place. (``warmup_cosine_decay`` is therefore optax's ``warmup_cosine_decay_schedule``
-one step ahead throughout, as its pieces meet at the peak.) To get optax's rates step for step,
-put one step of the initial value in front of a schedule, ``Join((Constant(s(0)), s), (1,))``,
-and in a Join do so for each piece.
+optax and torch index their schedules by the number of steps done before the current one (0-based),
+so with the same arguments each step here gets the rate they give the next. [Coming from torch,
+optax or Keras](migration.md#schedules) maps the arguments of each schedule to theirs and shows how
+to get their rates step for step.
 
 Examples:
   >>> from adam_functional import schedules
@@ -76,7 +59,22 @@ class Schedule(Protocol):
     """
 
     def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t`` (1-based; 0 is "before the first step")."""
+        """Returns the learning rate of step ``t``.
+
+        Each record of this module states its formula in its class docstring.
+
+        Args:
+          t: The 1-based step count: the first update calls ``schedule(1)``, and ``t = 0``
+            gives the value before the first step, where the curve starts. Integral NumPy
+            scalars are accepted too, as step counters are often arrays.
+
+        Returns:
+          The rate, a Python float.
+
+        Raises:
+          TypeError: If ``t`` is not an int (a record of this module checks this).
+          ValueError: If ``t`` is negative.
+        """
         ...
 
 
@@ -181,10 +179,7 @@ def _check_flag(instance: object, attribute: attrs.Attribute[Any], value: object
 
 
 def _check_t(schedule: object, t: object) -> int:
-    """Returns ``t`` as a Python int or raises; called only off the fast path (t not an int >= 0).
-
-    Integral scalars such as NumPy integers are accepted, as step counters often are arrays.
-    """
+    """Returns ``t`` as a Python int or raises; called off the fast path (t not an int >= 0)."""
     expected = "an int >= 0 (the 1-based step count)"
     where = f"{type(schedule).__name__}(t)"
     if not _is_integral(t):
@@ -207,8 +202,24 @@ def _lerp(start: float, stop: float, weight: float) -> float:
     return start + (stop - start) * weight
 
 
+class _Record:
+    """The call shared by the records: checks ``t`` once, then applies the record's ``_rate``."""
+
+    __slots__ = ()
+
+    def __call__(self, t: int) -> float:
+        """Returns the rate of step ``t`` by the record's formula; see `Schedule.__call__`."""
+        if type(t) is not int or t < 0:
+            t = _check_t(self, t)
+        return self._rate(t)
+
+    def _rate(self, t: int) -> float:
+        """The record's formula at a checked step count ``t`` (a Python int >= 0)."""
+        raise NotImplementedError
+
+
 @attrs.frozen
-class Constant:
+class Constant(_Record):
     """The same learning rate at every step: ``lr(t) = value``.
 
     Args:
@@ -224,26 +235,12 @@ class Constant:
 
     value: float = attrs.field(converter=_to_float, validator=_check_rate)
 
-    def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t``.
-
-        Args:
-          t: The 1-based step count (0 gives the value before the first step).
-
-        Returns:
-          ``value``.
-
-        Raises:
-          TypeError: If ``t`` is not an int.
-          ValueError: If ``t`` is negative.
-        """
-        if type(t) is not int or t < 0:
-            _check_t(self, t)
+    def _rate(self, t: int) -> float:
         return self.value
 
 
 @attrs.frozen
-class ExponentialDecay:
+class ExponentialDecay(_Record):
     """Exponential decay: ``lr(t) = init_value * decay_rate ** (t / transition_steps)``.
 
     The rate is multiplied by ``decay_rate`` every ``transition_steps`` steps. With
@@ -252,10 +249,6 @@ class ExponentialDecay:
     ceiling when ``decay_rate > 1`` (with ``decay_rate == 1`` the rate is constant and
     ``end_value`` plays no part). A ``decay_rate > 1`` makes the rate grow, up to ``inf`` once it
     leaves the float range if no ``end_value`` stops it.
-
-    This is ``optax.exponential_decay(init_value, transition_steps, decay_rate, staircase=...,
-    end_value=...)`` evaluated at ``t`` (note the order of the arguments). optax's
-    ``transition_begin`` is written here as a `Join` after a `Constant`.
 
     Args:
       init_value: The rate at ``t = 0``, a finite real number >= 0.
@@ -304,21 +297,7 @@ class ExponentialDecay:
                 f"when decay_rate > 1 (it is the ceiling of a growth), got {value!r}"
             )
 
-    def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t``.
-
-        Args:
-          t: The 1-based step count (0 gives ``init_value``).
-
-        Returns:
-          ``init_value * decay_rate ** (t / transition_steps)``, clipped at ``end_value``.
-
-        Raises:
-          TypeError: If ``t`` is not an int.
-          ValueError: If ``t`` is negative.
-        """
-        if type(t) is not int or t < 0:
-            t = _check_t(self, t)
+    def _rate(self, t: int) -> float:
         try:
             if self.staircase:
                 value = self.init_value * self.decay_rate ** (t // self.transition_steps)
@@ -342,7 +321,7 @@ class ExponentialDecay:
 
 
 @attrs.frozen
-class CosineDecay:
+class CosineDecay(_Record):
     """Cosine decay over ``decay_steps`` steps, then constant.
 
     ``lr(t) = end_value + (init_value - end_value) * (1 + cos(pi * min(t, decay_steps) /
@@ -350,8 +329,7 @@ class CosineDecay:
 
     The rate starts at ``init_value`` for ``t = 0``, is halfway at ``t = decay_steps / 2`` and
     reaches ``end_value`` exactly at step ``decay_steps``, where it stays. An ``end_value`` above
-    ``init_value`` gives the same curve rising. This is ``optax.cosine_decay_schedule(init_value,
-    decay_steps, alpha=end_value / init_value)`` evaluated at ``t``.
+    ``init_value`` gives the same curve rising.
 
     Args:
       init_value: The rate at ``t = 0``, a finite real number >= 0.
@@ -373,37 +351,21 @@ class CosineDecay:
         default=0.0, kw_only=True, converter=_to_float, validator=_check_rate
     )
 
-    def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t``.
-
-        Args:
-          t: The 1-based step count (0 gives ``init_value``).
-
-        Returns:
-          The cosine-interpolated rate, ``end_value`` from step ``decay_steps`` on.
-
-        Raises:
-          TypeError: If ``t`` is not an int.
-          ValueError: If ``t`` is negative.
-        """
-        if type(t) is not int or t < 0:
-            t = _check_t(self, t)
-        if t >= self.decay_steps:
-            return self.end_value
-        weight = 0.5 * (1.0 + math.cos(math.pi * (t / self.decay_steps)))
+    def _rate(self, t: int) -> float:
+        # From decay_steps on, cos(pi) == -1 exactly makes the weight 0 and the rate end_value.
+        weight = 0.5 * (1.0 + math.cos(math.pi * (min(t, self.decay_steps) / self.decay_steps)))
         return _lerp(self.end_value, self.init_value, weight)
 
 
 @attrs.frozen
-class LinearWarmup:
+class LinearWarmup(_Record):
     """Linear warmup over ``warmup_steps`` steps, then constant.
 
     ``lr(t) = init_value + (peak_value - init_value) * min(t, warmup_steps) / warmup_steps``
 
     Step 1 already gets ``init_value + (peak_value - init_value) / warmup_steps``, non-zero even
     when ``init_value`` is 0, and step ``warmup_steps`` gets ``peak_value`` exactly. A
-    ``peak_value`` below ``init_value`` gives a linear decay. This is
-    ``optax.linear_schedule(init_value, peak_value, warmup_steps)`` evaluated at ``t``.
+    ``peak_value`` below ``init_value`` gives a linear decay.
 
     Args:
       peak_value: The rate from step ``warmup_steps`` on, a finite real number >= 0.
@@ -423,24 +385,9 @@ class LinearWarmup:
         default=0.0, kw_only=True, converter=_to_float, validator=_check_rate
     )
 
-    def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t``.
-
-        Args:
-          t: The 1-based step count (0 gives ``init_value``).
-
-        Returns:
-          The linearly interpolated rate, ``peak_value`` from step ``warmup_steps`` on.
-
-        Raises:
-          TypeError: If ``t`` is not an int.
-          ValueError: If ``t`` is negative.
-        """
-        if type(t) is not int or t < 0:
-            t = _check_t(self, t)
-        if t >= self.warmup_steps:
-            return self.peak_value
-        return _lerp(self.init_value, self.peak_value, t / self.warmup_steps)
+    def _rate(self, t: int) -> float:
+        weight = min(t, self.warmup_steps) / self.warmup_steps
+        return _lerp(self.init_value, self.peak_value, weight)
 
 
 def _check_schedules(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -475,7 +422,7 @@ def _check_boundaries(instance: Join, attribute: attrs.Attribute[Any], value: ob
 
 
 @attrs.frozen
-class Join:
+class Join(_Record):
     """Schedules one after another, each counting its steps from its start.
 
     With ``b = boundaries``::
@@ -485,8 +432,7 @@ class Join:
         lr(t) = schedules[-1](t - b[-1])        for t > b[-1]
 
     So ``schedules[i]`` runs for the steps after boundary ``b[i - 1]`` up to and including
-    ``b[i]``, and sees them as its steps ``1, 2, ...``. ``Join`` switches at the same steps as
-    ``optax.join_schedules`` (see the module docstring for the count it hands on).
+    ``b[i]``, and sees them as its steps ``1, 2, ...``.
 
     Args:
       schedules: The schedules, a non-empty tuple (a list is converted); any callable
@@ -505,21 +451,7 @@ class Join:
     schedules: tuple[Schedule, ...] = attrs.field(converter=_to_tuple, validator=_check_schedules)
     boundaries: tuple[int, ...] = attrs.field(converter=_to_int_tuple, validator=_check_boundaries)
 
-    def __call__(self, t: int) -> float:
-        """Returns the learning rate of step ``t``.
-
-        Args:
-          t: The 1-based step count (0 gives ``schedules[0](0)``).
-
-        Returns:
-          The rate of the schedule that step ``t`` falls in, at its own step count.
-
-        Raises:
-          TypeError: If ``t`` is not an int.
-          ValueError: If ``t`` is negative.
-        """
-        if type(t) is not int or t < 0:
-            t = _check_t(self, t)
+    def _rate(self, t: int) -> float:
         # The first boundary >= t closes the segment of t.
         index = bisect.bisect_left(self.boundaries, t)
         if index == 0:
@@ -543,9 +475,8 @@ def warmup_cosine_decay(
         lr(t) = end_value + (peak_value - end_value)
                 * (1 + cos(pi * min(t - w, d - w) / (d - w))) / 2               for t > w
 
-    The rate reaches ``peak_value`` at step ``w`` and ``end_value`` at step ``d``: like
-    ``optax.warmup_cosine_decay_schedule``, ``decay_steps`` counts the warmup. For no warmup use
-    `CosineDecay` alone.
+    The rate reaches ``peak_value`` at step ``w`` and ``end_value`` at step ``d``: ``decay_steps``
+    counts the warmup. For no warmup use `CosineDecay` alone.
 
     Args:
       peak_value: The rate at the end of the warmup, a finite real number >= 0.

@@ -1,13 +1,17 @@
 """Tests of adam_functional.schedules: values, properties, records, plain data and errors."""
 
+import ast
 import decimal
 import doctest
+import inspect
+import itertools
 import json
 import math
 import pickle
 import re
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import adam_functional
 from adam_functional import schedules
 
 EPS = sys.float_info.epsilon
@@ -84,47 +89,6 @@ def exponential_reference(init: float, rate: float, steps: int, t: int, staircas
 
 def warmup_reference(peak: float, steps: int, init: float, t: int) -> Fraction:
     return Fraction(init) + (Fraction(peak) - Fraction(init)) * Fraction(min(t, steps), steps)
-
-
-# --- optax's schedules, transcribed as formulas in optax's 0-based count. ----------------------
-
-
-def optax_cosine(init: float, decay_steps: int, alpha: float) -> Callable[[int], float]:
-    def schedule(count: int) -> float:
-        cosine = 0.5 * (1 + math.cos(math.pi * min(count, decay_steps) / decay_steps))
-        return init * ((1 - alpha) * cosine + alpha)
-
-    return schedule
-
-
-def optax_linear(init: float, end: float, transition_steps: int) -> Callable[[int], float]:
-    def schedule(count: int) -> float:
-        frac = 1 - min(count, transition_steps) / transition_steps
-        return (init - end) * frac + end
-
-    return schedule
-
-
-def optax_exponential(
-    init: float, transition_steps: int, rate: float, staircase: bool
-) -> Callable[[int], float]:
-    def schedule(count: int) -> float:
-        power = count / transition_steps
-        return init * rate ** (math.floor(power) if staircase else power)
-
-    return schedule
-
-
-def optax_join(
-    pieces: list[Callable[[int], float]], boundaries: list[int]
-) -> Callable[[int], float]:
-    def schedule(count: int) -> float:
-        output = pieces[0](count)
-        for boundary, piece in zip(boundaries, pieces[1:], strict=True):
-            output = output if count < boundary else piece(count - boundary)
-        return output
-
-    return schedule
 
 
 # --- Schedules used across the tests. -----------------------------------------------------------
@@ -524,53 +488,200 @@ def test_warmup_cosine_decay_is_continuous_at_the_peak(
         assert schedule(warmup - 1) <= schedule(warmup) >= schedule(warmup + 1)
 
 
-# --- The mapping to optax that the module docstring states. -------------------------------------
+# --- The mappings of docs/migration.md, against optax and torch. --------------------------------
+#
+# Each optax test runs twice: against optax itself in float64 where it is installed, and against
+# this transcription of the formulas of optax 0.2.8 (optax/schedules/_schedule.py and _join.py),
+# which runs everywhere.
 
-OPTAX_PAIRS = [
-    pytest.param(
-        schedules.CosineDecay(0.3, 17, end_value=0.05),
-        optax_cosine(0.3, 17, alpha=0.05 / 0.3),
-        id="cosine",
+
+def _constant_schedule(value: float) -> Callable[[int], float]:
+    return lambda count: value
+
+
+def _exponential_decay(
+    init_value: float,
+    transition_steps: int,
+    decay_rate: float,
+    transition_begin: int = 0,
+    staircase: bool = False,
+    end_value: float | None = None,
+) -> Callable[[int], float]:
+    def schedule(count: int) -> float:
+        decreased = count - transition_begin
+        power = decreased / transition_steps
+        if staircase:
+            power = math.floor(power)
+        value = init_value if decreased <= 0 else init_value * decay_rate**power
+        if end_value is None:
+            return value
+        return max(value, end_value) if decay_rate < 1 else min(value, end_value)
+
+    return schedule
+
+
+def _cosine_decay_schedule(
+    init_value: float, decay_steps: int, alpha: float = 0.0
+) -> Callable[[int], float]:
+    def schedule(count: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(count, decay_steps) / decay_steps))
+        return init_value * ((1 - alpha) * cosine + alpha)
+
+    return schedule
+
+
+def _linear_schedule(
+    init_value: float, end_value: float, transition_steps: int, transition_begin: int = 0
+) -> Callable[[int], float]:
+    def schedule(count: int) -> float:
+        frac = 1 - min(max(count - transition_begin, 0), transition_steps) / transition_steps
+        return (init_value - end_value) * frac + end_value
+
+    return schedule
+
+
+def _join_schedules(
+    pieces: list[Callable[[int], float]], boundaries: list[int]
+) -> Callable[[int], float]:
+    def schedule(count: int) -> float:
+        output = pieces[0](count)
+        for boundary, piece in zip(boundaries, pieces[1:], strict=True):
+            output = output if count < boundary else piece(count - boundary)
+        return output
+
+    return schedule
+
+
+def _warmup_cosine_decay_schedule(
+    init_value: float,
+    peak_value: float,
+    warmup_steps: int,
+    decay_steps: int,
+    end_value: float = 0.0,
+) -> Callable[[int], float]:
+    alpha = 0.0 if peak_value == 0.0 else end_value / peak_value
+    warmup = _linear_schedule(init_value, peak_value, warmup_steps)
+    decay = _cosine_decay_schedule(peak_value, decay_steps - warmup_steps, alpha=alpha)
+    return _join_schedules([warmup, decay], [warmup_steps])
+
+
+TRANSCRIBED_OPTAX = types.SimpleNamespace(
+    constant_schedule=_constant_schedule,
+    exponential_decay=_exponential_decay,
+    cosine_decay_schedule=_cosine_decay_schedule,
+    linear_schedule=_linear_schedule,
+    join_schedules=_join_schedules,
+    warmup_cosine_decay_schedule=_warmup_cosine_decay_schedule,
+)
+
+
+@pytest.fixture(scope="module")
+def real_optax() -> Iterator[Any]:
+    jax = pytest.importorskip("jax", reason="jax is not installed (needed to compare with optax)")
+    optax = pytest.importorskip("optax", reason="optax is not installed")
+    previous = jax.config.jax_enable_x64
+    # Python int counts then give optax's formulas in float64 (float32 agrees to ~1e-6 only).
+    jax.config.update("jax_enable_x64", True)
+    yield optax
+    jax.config.update("jax_enable_x64", previous)
+
+
+# Importing jax and optax takes seconds: the runs against optax itself are slow.
+@pytest.fixture(
+    scope="module", params=["transcribed", pytest.param("optax", marks=pytest.mark.slow)]
+)
+def optax(request: pytest.FixtureRequest) -> Any:
+    if request.param == "transcribed":
+        return TRANSCRIBED_OPTAX
+    return request.getfixturevalue("real_optax")
+
+
+def _close(value: Any, expected: float) -> bool:
+    return math.isclose(float(value), expected, rel_tol=1e-12, abs_tol=0.0)
+
+
+# docs/migration.md, "Each schedule": ours and optax's, with the arguments mapped as the table says.
+OPTAX_ROWS: dict[str, Callable[[Any], tuple[schedules.Schedule, Callable[[int], Any]]]] = {
+    "constant": lambda optax: (schedules.Constant(0.1), optax.constant_schedule(0.1)),
+    "exponential": lambda optax: (
+        schedules.ExponentialDecay(0.7, 0.6, 5),
+        optax.exponential_decay(0.7, 5, 0.6),
     ),
-    pytest.param(
-        schedules.LinearWarmup(0.7, 9, init_value=0.1), optax_linear(0.1, 0.7, 9), id="linear"
-    ),
-    pytest.param(
-        schedules.ExponentialDecay(0.7, 0.6, 5), optax_exponential(0.7, 5, 0.6, False), id="exp"
-    ),
-    pytest.param(
+    "exponential-staircase": lambda optax: (
         schedules.ExponentialDecay(0.7, 0.6, 5, staircase=True),
-        optax_exponential(0.7, 5, 0.6, True),
-        id="exp-staircase",
+        optax.exponential_decay(0.7, 5, 0.6, staircase=True),
     ),
-    pytest.param(
+    "exponential-floor": lambda optax: (
+        schedules.ExponentialDecay(0.7, 0.6, 5, end_value=0.2),
+        optax.exponential_decay(0.7, 5, 0.6, end_value=0.2),
+    ),
+    "exponential-ceiling": lambda optax: (
+        schedules.ExponentialDecay(0.01, 1.5, 3, end_value=0.4),
+        optax.exponential_decay(0.01, 3, 1.5, end_value=0.4),
+    ),
+    "exponential-transition-begin": lambda optax: (
+        schedules.Join((schedules.Constant(0.7), schedules.ExponentialDecay(0.7, 0.6, 5)), (4,)),
+        optax.exponential_decay(0.7, 5, 0.6, transition_begin=4),
+    ),
+    "cosine": lambda optax: (
+        schedules.CosineDecay(0.3, 17, end_value=0.05),
+        optax.cosine_decay_schedule(0.3, 17, alpha=0.05 / 0.3),
+    ),
+    "cosine-rising": lambda optax: (
+        schedules.CosineDecay(0.1, 17, end_value=0.5),
+        optax.cosine_decay_schedule(0.1, 17, alpha=0.5 / 0.1),
+    ),
+    "linear": lambda optax: (
+        schedules.LinearWarmup(0.7, 9, init_value=0.1),
+        optax.linear_schedule(0.1, 0.7, 9),
+    ),
+    "linear-decay": lambda optax: (
+        schedules.LinearWarmup(0.1, 9, init_value=0.7),
+        optax.linear_schedule(0.7, 0.1, 9),
+    ),
+    "linear-transition-begin": lambda optax: (
+        schedules.Join(
+            (schedules.Constant(0.1), schedules.LinearWarmup(0.7, 9, init_value=0.1)), (4,)
+        ),
+        optax.linear_schedule(0.1, 0.7, 9, transition_begin=4),
+    ),
+    "warmup-cosine": lambda optax: (
         schedules.warmup_cosine_decay(0.5, 7, 30, init_value=0.1, end_value=0.02),
-        optax_join([optax_linear(0.1, 0.5, 7), optax_cosine(0.5, 23, alpha=0.02 / 0.5)], [7]),
-        id="warmup-cosine",
+        optax.warmup_cosine_decay_schedule(0.1, 0.5, 7, 30, end_value=0.02),
     ),
-]
+    "warmup-cosine-from-0": lambda optax: (
+        schedules.warmup_cosine_decay(0.05, 10, 50, end_value=1e-3),
+        optax.warmup_cosine_decay_schedule(0.0, 0.05, 10, 50, end_value=1e-3),
+    ),
+}
+
+OPTAX_ROW_PARAMS = [pytest.param(row, id=name) for name, row in OPTAX_ROWS.items()]
 
 
-@pytest.mark.parametrize(("schedule", "optax_schedule"), OPTAX_PAIRS)
-def test_same_formula_as_optax_at_count_equal_t(
-    schedule: schedules.Schedule, optax_schedule: Callable[[int], float]
+@pytest.mark.parametrize("row", OPTAX_ROW_PARAMS)
+def test_optax_gives_the_same_rate_for_the_same_number(
+    row: Callable[[Any], tuple[schedules.Schedule, Callable[[int], Any]]], optax: Any
 ) -> None:
-    for t in range(60):
-        assert schedule(t) == pytest.approx(optax_schedule(t), rel=1e-14, abs=1e-16)
+    ours, theirs = row(optax)
+    for t in range(70):
+        assert _close(theirs(t), ours(t)), t
 
 
-@pytest.mark.parametrize(("schedule", "optax_schedule"), OPTAX_PAIRS)
-def test_one_step_of_the_initial_value_in_front_gives_optax_step_for_step(
-    schedule: schedules.Schedule, optax_schedule: Callable[[int], float]
+@pytest.mark.parametrize("row", OPTAX_ROW_PARAMS)
+def test_holding_the_initial_value_one_step_gives_optax_rates_step_for_step(
+    row: Callable[[Any], tuple[schedules.Schedule, Callable[[int], Any]]], optax: Any
 ) -> None:
-    padded = schedules.Join((schedules.Constant(schedule(0)), schedule), (1,))
-    # optax's step k uses count k - 1.
-    for k in range(1, 60):
-        assert padded(k) == pytest.approx(optax_schedule(k - 1), rel=1e-14, abs=1e-16)
+    ours, theirs = row(optax)
+    held = schedules.Join((schedules.Constant(ours(0)), ours), (1,))
+    # optax's update k uses theirs(k - 1).
+    for k in range(1, 70):
+        assert _close(theirs(k - 1), held(k)), k
 
 
-def test_a_join_matches_optax_step_for_step_when_each_piece_is_padded() -> None:
-    def padded(piece: schedules.Schedule) -> schedules.Join:
+def test_a_join_differs_from_optax_only_at_its_boundaries_and_not_when_each_piece_is_held(
+    optax: Any,
+) -> None:
+    def held(piece: schedules.Schedule) -> schedules.Join:
         return schedules.Join((schedules.Constant(piece(0)), piece), (1,))
 
     cosine, warmup, constant = (
@@ -578,14 +689,235 @@ def test_a_join_matches_optax_step_for_step_when_each_piece_is_padded() -> None:
         schedules.LinearWarmup(0.9, 4),
         schedules.Constant(0.2),
     )
-    ours = schedules.Join([padded(cosine), padded(warmup), padded(constant)], [5, 12])
-    theirs = optax_join([optax_cosine(0.3, 10, 0.0), optax_linear(0.0, 0.9, 4), constant], [5, 12])
-    for k in range(1, 30):
-        assert ours(k) == pytest.approx(theirs(k - 1), rel=1e-14, abs=1e-16)
-    # Unpadded, the switches are at the same steps but each piece runs one step ahead.
+    theirs = optax.join_schedules(
+        [
+            optax.cosine_decay_schedule(0.3, 10),
+            optax.linear_schedule(0.0, 0.9, 4),
+            optax.constant_schedule(0.2),
+        ],
+        [5, 12],
+    )
     plain = schedules.Join([cosine, warmup, constant], [5, 12])
-    assert [plain(k) for k in (5, 6)] == [cosine(5), warmup(1)]
-    assert [theirs(k - 1) for k in (5, 6)] == [pytest.approx(cosine(4)), 0.0]
+    for t in range(30):
+        if t in (5, 12):
+            # Ours ends the piece, optax starts the next: cosine(5) vs warmup(0), warmup(7) vs 0.2.
+            assert not _close(theirs(t), plain(t)), t
+        else:
+            assert _close(theirs(t), plain(t)), t
+    each_held = schedules.Join([held(cosine), held(warmup), held(constant)], [5, 12])
+    for k in range(1, 30):
+        assert _close(theirs(k - 1), each_held(k)), k
+
+
+def test_optax_cosine_decays_cannot_rise_from_0_where_ours_do(optax: Any) -> None:
+    ours = schedules.warmup_cosine_decay(0.0, 2, 6, init_value=0.1, end_value=0.1)
+    theirs = optax.warmup_cosine_decay_schedule(0.1, 0.0, 2, 6, end_value=0.1)
+    assert [float(theirs(t)) for t in range(2, 9)] == [0.0] * 7
+    assert [ours(t) for t in (2, 4, 6, 7)] == [0.0, 0.05, 0.1, 0.1]
+    assert float(optax.cosine_decay_schedule(0.0, 4, alpha=1e9)(4)) == 0.0
+
+
+def _migration_guide_namespace() -> dict[str, Any]:
+    """Runs the examples of docs/migration.md, as tests/test_docs_examples.py does."""
+    from test_docs_examples import ROOT, python_blocks
+
+    namespace: dict[str, Any] = {"__name__": "docs_example_migration"}
+    page = ROOT / "docs" / "migration.md"
+    for first_line, code in python_blocks(page.read_text(encoding="utf-8")):
+        exec(compile("\n" * (first_line - 1) + code, "docs/migration.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_rates_the_migration_guide_gives_for_optax_are_optax_s(optax: Any) -> None:
+    guide = _migration_guide_namespace()
+    optax_lr = optax.warmup_cosine_decay_schedule(**guide["optax_args"])
+    for k, rate in guide["optax_rates"].items():
+        assert _close(optax_lr(k - 1), rate), k
+    # The other way round: optax started from our step 1 gives update k our rate lr(k).
+    lr = guide["lr"]
+    shifted = optax.warmup_cosine_decay_schedule(
+        init_value=lr(1), peak_value=0.05, warmup_steps=9, decay_steps=49, end_value=1e-3
+    )
+    for k in range(1, 70):
+        assert _close(shifted(k - 1), lr(k)), k
+
+
+@pytest.mark.slow
+def test_optax_update_k_uses_the_schedule_at_k_minus_1_in_float32(real_optax: Any) -> None:
+    guide = _migration_guide_namespace()
+    optax_lr = real_optax.warmup_cosine_decay_schedule(**guide["optax_args"])
+    transform = real_optax.sgd(learning_rate=optax_lr)
+    state = transform.init(np.zeros(1))
+    applied = []
+    for _ in range(55):
+        updates, state = transform.update(np.ones(1), state)
+        applied.append(-float(updates[0]))
+    as_optax = guide["as_optax"]
+    assert applied[0] == as_optax(1) == 0.0
+    # optax counts in int32, and its schedule then computes in float32, 64-bit mode or not.
+    errors = [abs(rate / as_optax(k) - 1) for k, rate in enumerate(applied[1:], start=2)]
+    assert 1e-9 < max(errors) < 2e-6
+
+
+@pytest.mark.slow
+def test_an_optax_schedule_needs_float_to_be_a_learning_rate(real_optax: Any) -> None:
+    optax_lr = real_optax.warmup_cosine_decay_schedule(0.0, 0.05, 10, 50, end_value=1e-3)
+    params, grads = np.ones(2), np.full(2, 0.5)
+    state = adam_functional.adam_init(params)
+    raw = adam_functional.AdamConfig(lr=lambda t: optax_lr(t - 1))
+    with pytest.raises(TypeError, match=r"^AdamConfig\.lr\(1\): expected "):
+        adam_functional.adam_update(params, grads, state, raw)
+    wrapped = adam_functional.AdamConfig(lr=lambda t: float(optax_lr(t - 1)))
+    new_params, _ = adam_functional.adam_update(params, grads, state, wrapped)
+    np.testing.assert_array_equal(new_params, params)  # optax's first rate is 0
+
+
+# Importing torch, and its first optimizer step, take seconds: the tests that use it are slow.
+@pytest.fixture(scope="module")
+def torch() -> Any:
+    return pytest.importorskip("torch", reason="torch is not installed")
+
+
+def _torch_rates(
+    torch: Any, lr: float, make_scheduler: Callable[[Any], Any], updates: int
+) -> list[float]:
+    """The rate of each update, with ``scheduler.step()`` after each ``optimizer.step()``."""
+    parameter = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+    optimizer = torch.optim.SGD([parameter], lr=lr)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for _ in range(updates):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+# docs/migration.md, "Each schedule": ours, torch's lr and scheduler, and for how many updates.
+TORCH_ROWS: dict[str, tuple[schedules.Schedule, float, Callable[[Any, Any], Any], int]] = {
+    "exponential": (
+        schedules.ExponentialDecay(0.7, 0.6, 5),
+        0.7,
+        lambda sched, opt: sched.ExponentialLR(opt, gamma=0.6 ** (1 / 5)),
+        40,
+    ),
+    "exponential-staircase": (
+        schedules.ExponentialDecay(0.7, 0.6, 5, staircase=True),
+        0.7,
+        lambda sched, opt: sched.StepLR(opt, step_size=5, gamma=0.6),
+        40,
+    ),
+    "cosine": (
+        schedules.CosineDecay(0.3, 17, end_value=0.05),
+        0.3,
+        lambda sched, opt: sched.CosineAnnealingLR(opt, T_max=17, eta_min=0.05),
+        18,
+    ),
+    "cosine-rising": (
+        schedules.CosineDecay(0.1, 17, end_value=0.5),
+        0.1,
+        lambda sched, opt: sched.CosineAnnealingLR(opt, T_max=17, eta_min=0.5),
+        18,
+    ),
+    "linear": (
+        schedules.LinearWarmup(0.7, 9, init_value=0.1),
+        0.7,
+        lambda sched, opt: sched.LinearLR(opt, start_factor=0.1 / 0.7, total_iters=9),
+        30,
+    ),
+    "linear-decay": (
+        schedules.LinearWarmup(0.1, 9, init_value=0.7),
+        0.7,
+        lambda sched, opt: sched.LinearLR(
+            opt, start_factor=1.0, end_factor=0.1 / 0.7, total_iters=9
+        ),
+        30,
+    ),
+    "warmup-cosine": (
+        schedules.warmup_cosine_decay(0.05, 10, 50, init_value=0.005, end_value=1e-3),
+        0.05,
+        lambda sched, opt: sched.SequentialLR(
+            opt,
+            [
+                sched.LinearLR(opt, start_factor=0.005 / 0.05, total_iters=10),
+                sched.CosineAnnealingLR(opt, T_max=50 - 10, eta_min=1e-3),
+            ],
+            milestones=[10],
+        ),
+        51,
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ours", "lr", "make_scheduler", "updates"),
+    [pytest.param(*row, id=name) for name, row in TORCH_ROWS.items()],
+)
+def test_torch_gives_the_same_rate_after_as_many_scheduler_steps(
+    torch: Any,
+    ours: schedules.Schedule,
+    lr: float,
+    make_scheduler: Callable[[Any, Any], Any],
+    updates: int,
+) -> None:
+    sched = torch.optim.lr_scheduler
+    rates = _torch_rates(torch, lr, lambda opt: make_scheduler(sched, opt), updates)
+    for steps_done, rate in enumerate(rates):
+        assert _close(rate, ours(steps_done)), steps_done
+
+
+@pytest.mark.slow
+def test_torch_cosine_annealing_climbs_back_after_t_max_where_ours_stays(torch: Any) -> None:
+    sched = torch.optim.lr_scheduler
+    ours = schedules.CosineDecay(0.3, 17, end_value=0.05)
+    rates = _torch_rates(torch, 0.3, lambda opt: sched.CosineAnnealingLR(opt, 17, 0.05), 70)
+    assert _close(rates[17], 0.05)
+    assert _close(rates[17 + 8], ours(17 - 8))  # the mirror image of the decay
+    assert _close(rates[2 * 17], 0.3)  # back at lr: a period of 2 * T_max
+    assert _close(rates[4 * 17], 0.3)
+    assert [ours(t) for t in (17, 25, 34, 68)] == [0.05] * 4
+
+
+@pytest.mark.slow
+def test_torch_linear_lr_cannot_start_from_0(torch: Any) -> None:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    message = "Starting multiplicative factor expected to be greater than 0 and less or equal to 1."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.0)
+
+
+@pytest.mark.slow
+def test_torch_sequential_lr_differs_from_a_join_only_at_its_milestones(torch: Any) -> None:
+    sched = torch.optim.lr_scheduler
+    ours = schedules.Join(
+        [
+            schedules.LinearWarmup(1.0, 4, init_value=0.5),
+            schedules.CosineDecay(1.0, 6, end_value=0.1),
+        ],
+        [2],
+    )
+
+    def make(opt: Any) -> Any:
+        pieces = [
+            sched.LinearLR(opt, start_factor=0.5, total_iters=4),
+            sched.CosineAnnealingLR(opt, T_max=6, eta_min=0.1),
+        ]
+        return sched.SequentialLR(opt, pieces, milestones=[2])
+
+    rates = _torch_rates(torch, 1.0, make, 9)  # the cosine piece up to its T_max
+    for steps_done, rate in enumerate(rates):
+        # At the milestone ours ends the warmup (0.75), torch starts the decay (1.0).
+        assert _close(rate, ours(steps_done)) is (steps_done != 2), steps_done
+
+
+@pytest.mark.slow
+def test_torch_lambda_lr_gives_our_rates_exactly(torch: Any) -> None:
+    lr = schedules.warmup_cosine_decay(0.05, 10, 50, end_value=1e-3)
+    rates = _torch_rates(
+        torch, 1.0, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: lr(e + 1)), 60
+    )
+    assert rates == [lr(k) for k in range(1, 61)]
 
 
 # --- Records: equality, hashing, immutability, pickling. ----------------------------------------
@@ -628,29 +960,61 @@ def test_pickle_round_trip_is_equal_and_gives_the_same_values(
 
 
 @pytest.mark.parametrize("schedule", EXAMPLE_PARAMS)
-def test_records_satisfy_the_schedule_protocol(schedule: schedules.Schedule) -> None:
-    assert isinstance(schedule, schedules.Schedule)
-    assert not isinstance(0.1, schedules.Schedule)
+def test_update_t_uses_the_rate_of_t(schedule: schedules.Schedule) -> None:
+    params = np.array([1.0, -2.0])
+    scheduled, scheduled_state = params, adam_functional.adam_init(params)
+    fixed, fixed_state = params, adam_functional.adam_init(params)
+    config = adam_functional.AdamConfig(lr=schedule)
+    for t in range(1, 8):
+        grads = np.array([0.3 * t, -0.1])
+        scheduled, scheduled_state = adam_functional.adam_update(
+            scheduled, grads, scheduled_state, config
+        )
+        rate = adam_functional.AdamConfig(lr=schedule(t))
+        fixed, fixed_state = adam_functional.adam_update(fixed, grads, fixed_state, rate)
+        np.testing.assert_array_equal(scheduled, fixed)
 
 
 def test_learning_rate_is_a_float_or_a_schedule() -> None:
     assert schedules.LearningRate == float | schedules.Schedule
 
 
-def test_public_names() -> None:
-    assert sorted(schedules.__all__) == [
-        "Constant",
-        "CosineDecay",
-        "ExponentialDecay",
-        "Join",
-        "LearningRate",
-        "LinearWarmup",
-        "Schedule",
-        "from_dict",
-        "to_dict",
-        "warmup_cosine_decay",
-    ]
-    assert all(hasattr(schedules, name) for name in schedules.__all__)
+def _attribute_docstrings(module: types.ModuleType) -> dict[str, str]:
+    """The docstrings written under module-level assignments, which mkdocstrings shows."""
+    body = ast.parse(inspect.getsource(module)).body
+    return {
+        node.target.id: following.value.value
+        for node, following in itertools.pairwise(body)
+        if isinstance(node, ast.AnnAssign)
+        and isinstance(node.target, ast.Name)
+        and isinstance(following, ast.Expr)
+        and isinstance(following.value, ast.Constant)
+        and isinstance(following.value.value, str)
+    }
+
+
+def test_all_lists_every_public_name_of_the_module_and_each_is_documented() -> None:
+    defined_here = {
+        name
+        for name, value in vars(schedules).items()
+        if not name.startswith("_") and getattr(value, "__module__", None) == schedules.__name__
+    }
+    aliases = _attribute_docstrings(schedules)
+    assert set(schedules.__all__) == defined_here | aliases.keys()
+    assert len(schedules.__all__) == len(set(schedules.__all__))
+    for name in schedules.__all__:
+        assert aliases.get(name) or getattr(schedules, name).__doc__, name
+    assert adam_functional.schedules is schedules
+    assert "schedules" in adam_functional.__all__
+
+
+def test_every_record_is_among_the_examples_so_each_round_trips() -> None:
+    records = {
+        value
+        for value in (getattr(schedules, name) for name in schedules.__all__)
+        if isinstance(value, type) and attrs.has(value)
+    }
+    assert records == {type(schedule) for schedule in EXAMPLES.values()}
 
 
 # --- Plain data. --------------------------------------------------------------------------------
