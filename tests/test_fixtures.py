@@ -1,10 +1,11 @@
 """Old files keep loading: committed pickles and checkpoints resume bit for bit, newer ones refuse.
 
 The files in tests/fixtures/ were written by tests/fixtures/make_fixtures.py (see its docstring)
-with a past release. Each test loads one way of saving a run and resumes it with the stored
-gradients; the parameters must come out exactly as stored. A change that breaks one of these
-breaks the checkpoints of users of that release in the same way: fix the change, never the
-fixture.
+with a past release: the pickles and the checkpoint files of format version 1 by release 0.1.0,
+those of format version 2 (in fixtures/format2/) by the release that introduced it. Each test
+loads one way of saving a run and resumes it with the stored gradients; the parameters must come
+out exactly as stored. A change that breaks one of these breaks the checkpoints of users of that
+release in the same way: fix the change, never the fixture.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from adam_functional import Adam, AdamConfig, AdamState, adam_update, checkpoint
 from adam_functional._records import PICKLE_VERSION, _unpickle
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The checkpoint files of each format version: 1 as release 0.1.0 wrote them, 2 in safetensors.
+CHECKPOINTS = [FIXTURES, FIXTURES / "format2"]
 
 
 def _fixture(name):
     return FIXTURES / name
+
+
+@pytest.fixture(params=CHECKPOINTS, ids=["format1", "format2"])
+def checkpoints(request):
+    """The folder of the checkpoint files of one format version."""
+    return request.param
 
 
 def _load_pickle(name):
@@ -51,9 +60,9 @@ def _assert_bits(got, expected):
         assert a.tobytes() == b.tobytes(), "the resume must give the stored numbers bit for bit"
 
 
-@pytest.fixture(scope="module")
-def grads():
-    return checkpoint.load(_fixture("grads.ckpt"), kind="tree")
+@pytest.fixture
+def grads(checkpoints):
+    return checkpoint.load(checkpoints / "grads.ckpt", kind="tree")
 
 
 def _resume_pure(params, state, config, grads):
@@ -63,49 +72,58 @@ def _resume_pure(params, state, config, grads):
 
 
 def test_the_fixtures_are_small():
-    assert sum(path.stat().st_size for path in FIXTURES.iterdir()) < 200_000
+    assert sum(path.stat().st_size for path in FIXTURES.rglob("*") if path.is_file()) < 200_000
 
 
-def test_the_pickled_pure_run_resumes_bit_for_bit(grads):
+def test_both_formats_hold_the_same_numbers():
+    for name in ["params", "grads", "expected_pure", "expected_adam", "adam_params"]:
+        old, new = (checkpoint.load(folder / f"{name}.ckpt") for folder in CHECKPOINTS)
+        _assert_bits(new, old)
+    for name in ["state", "config"]:
+        old, new = (checkpoint.load(folder / f"{name}.ckpt") for folder in CHECKPOINTS)
+        assert new == old
+
+
+def test_the_pickled_pure_run_resumes_bit_for_bit(grads, checkpoints):
     params = _load_pickle("params.pkl")
     state = _load_pickle("state.pkl")
     config = _load_pickle("config.pkl")
     assert type(state) is AdamState and state.t == 5 and state.v_max is not None
     assert type(config) is AdamConfig and type(config.lr) is schedules.Join and config.amsgrad
     final = _resume_pure(params, state, config, grads)
-    _assert_bits(final, checkpoint.load(_fixture("expected_pure.ckpt")))
+    _assert_bits(final, checkpoint.load(checkpoints / "expected_pure.ckpt"))
 
 
-def test_the_checkpointed_pure_run_resumes_bit_for_bit(grads):
-    params = checkpoint.load(_fixture("params.ckpt"), kind="tree")
-    state = checkpoint.load(_fixture("state.ckpt"), kind="AdamState", like=params)
-    config = checkpoint.load(_fixture("config.ckpt"), kind="AdamConfig")
+def test_the_checkpointed_pure_run_resumes_bit_for_bit(grads, checkpoints):
+    params = checkpoint.load(checkpoints / "params.ckpt", kind="tree")
+    state = checkpoint.load(checkpoints / "state.ckpt", kind="AdamState", like=params)
+    config = checkpoint.load(checkpoints / "config.ckpt", kind="AdamConfig")
     assert state == _load_pickle("state.pkl") and config == _load_pickle("config.pkl")
     final = _resume_pure(params, state, config, grads)
-    _assert_bits(final, checkpoint.load(_fixture("expected_pure.ckpt")))
+    _assert_bits(final, checkpoint.load(checkpoints / "expected_pure.ckpt"))
 
 
-def test_the_pickled_adam_resumes_bit_for_bit(grads):
+def test_the_pickled_adam_resumes_bit_for_bit(grads, checkpoints):
     params, opt = _load_pickle("adam.pkl")
     assert type(opt) is Adam and opt.t[id(params["enc"][0][0])] == 5
     for g in grads:
         opt.step(params, g)
-    _assert_bits(params, checkpoint.load(_fixture("expected_adam.ckpt")))
+    _assert_bits(params, checkpoint.load(checkpoints / "expected_adam.ckpt"))
 
 
-def test_the_checkpointed_adam_state_dict_resumes_bit_for_bit(grads):
-    params = checkpoint.load(_fixture("adam_params.ckpt"), kind="tree")
+def test_the_checkpointed_adam_state_dict_resumes_bit_for_bit(grads, checkpoints):
+    params = checkpoint.load(checkpoints / "adam_params.ckpt", kind="tree")
     opt = Adam()
-    opt.load_state_dict(checkpoint.load(_fixture("adam_state_dict.ckpt"), kind="state_dict"))
+    opt.load_state_dict(checkpoint.load(checkpoints / "adam_state_dict.ckpt", kind="state_dict"))
     _, pickled = _load_pickle("adam.pkl")
     assert opt.config == pickled.config
     for g in grads:
         opt.step(params, g)
-    _assert_bits(params, checkpoint.load(_fixture("expected_adam.ckpt")))
+    _assert_bits(params, checkpoint.load(checkpoints / "expected_adam.ckpt"))
 
 
-def test_every_node_type_of_the_format_still_reads_the_same():
-    got = checkpoint.load(_fixture("every_node.ckpt"))
+def test_every_node_type_of_the_format_still_reads_the_same(checkpoints):
+    got = checkpoint.load(checkpoints / "every_node.ckpt")
     assert type(got) is OrderedDict and list(got) == ["arrays", "scalars", "numpy", "pair"]
     arrays = got["arrays"]
     assert arrays[0].dtype == np.int16 and arrays[0].tolist() == [[0, 1, 2], [3, 4, 5]]
