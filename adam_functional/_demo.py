@@ -1,19 +1,20 @@
 """The tour behind ``python -m adam_functional``.
 
-1. The seed notebook's 2x2 example, run through the pure ``adam_init``/``adam_update`` and the
-   in-place ``Adam.step`` side by side: the weights agree bit for bit.
+1. The from-scratch notebook's 2x2 example, run through the pure ``adam_init``/``adam_update``
+   and the in-place ``Adam.step`` side by side: the weights agree bit for bit.
 2. A tiny MLP, its parameters a dict tree, trained on synthetic "two moons" with gradients written
    out in NumPy and a plain loop over ``adam_update``.
 3. With ``--plot FILE.png``: Adam, AdamW, AMSGrad and a warmup-cosine schedule on the Rosenbrock
-   function (needs matplotlib, the ``[plot]`` extra).
+   function, one panel of contours each and their loss curves side by side (needs matplotlib, the
+   ``[plot]`` extra). ``docs/demo.md`` shows the figure and how to read it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
@@ -191,45 +192,79 @@ def minimize(grad: Callable[[Array], Array], start: Array, config: AdamConfig, s
     return np.stack(path)
 
 
-def plot_rosenbrock(file: Path, *, steps: int) -> None:
-    """Draws the trajectories on Rosenbrock's contours and their loss curves into ``file``."""
+def plot_rosenbrock(file: Path, *, steps: int) -> dict[str, Array]:
+    """Draws each optimizer's path on Rosenbrock's contours, and the loss curves, into ``file``.
+
+    Returns the paths by label, one row per point, as `minimize` gives them.
+    """
     # matplotlib is optional: import it only here. Figure with the Agg canvas draws off screen
     # and leaves pyplot's global state (and the user's backend) alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+    from matplotlib.lines import Line2D
 
     start = np.array([-1.5, 2.0])
     paths = {
         label: minimize(rosenbrock_grad, start, config, steps)
         for label, config in rosenbrock_configs(steps).items()
     }
+    colors = [f"C{i}" for i in range(len(paths))]
 
-    figure = Figure(figsize=(13, 5.5), layout="constrained")
+    # The bottom strip of the figure is left to the caption.
+    figure = Figure(figsize=(9, 7.8), layout=ConstrainedLayoutEngine(rect=(0, 0.075, 1, 0.925)))
     FigureCanvasAgg(figure)  # attaches itself: savefig renders with Agg
-    contours: Axes
-    curves: Axes
-    contours, curves = figure.subplots(1, 2, width_ratios=[1.15, 1])
+    rows = figure.add_gridspec(2, 1, height_ratios=[1.0, 1.05], hspace=0.02)
+    top, bottom = figure.add_subfigure(rows[0]), figure.add_subfigure(rows[1])
 
-    x, y = np.meshgrid(np.linspace(-2.0, 2.0, 400), np.linspace(-1.0, 3.0, 400))
+    # The paths share the valley floor and would hide one another on one plot: one small panel
+    # each, on the same axes.
+    panels: list[Axes] = list(top.subplots(1, 4, sharex=True, sharey=True).flat)
+    x, y = np.meshgrid(np.linspace(-2.0, 2.0, 300), np.linspace(-1.0, 3.0, 300))
     z = (1.0 - x) ** 2 + 100.0 * (y - x**2) ** 2
-    contours.contour(x, y, z, levels=np.logspace(-1, 3.5, 16), colors="0.75", linewidths=0.8)
-    # The paths share the valley floor, so each gets its own dash pattern and an end marker.
-    styles = ["-", "--", ":", "-."]
-    for (label, path), style in zip(paths.items(), styles, strict=True):
-        (line,) = contours.plot(path[:, 0], path[:, 1], style, linewidth=2.0, label=label)
-        contours.plot(*path[-1], "o", color=line.get_color(), markersize=7)
-    contours.plot(*start, "ks", markersize=7, label="start (-1.5, 2)")
-    contours.plot(1, 1, "*", ms=18, color="gold", mec="k", zorder=1.5, label="minimum (1, 1)")
-    contours.set(xlabel="x", ylabel="y", title=f"Rosenbrock function, {steps} steps (dot: end)")
-    contours.legend(loc="lower left", fontsize="small", framealpha=0.9)
+    for panel, (label, path), color in zip(panels, paths.items(), colors, strict=True):
+        panel.contour(x, y, z, levels=np.logspace(-1, 3.5, 14), colors="0.8", linewidths=0.7)
+        panel.plot(path[:, 0], path[:, 1], "-", color=color, linewidth=1.8)
+        panel.plot(*start, "ks", markersize=6)
+        panel.plot(1, 1, "*", markersize=15, color="gold", markeredgecolor="k")
+        panel.plot(*path[-1], "o", color=color, markersize=7, markeredgecolor="k")
+        name, _, options = label.partition(" (")
+        end_x, end_y = path[-1]
+        panel.set_title(f"{name}\n({options}\nends at ({end_x:.2f}, {end_y:.2f})", fontsize=9.5)
+        panel.set(aspect="equal", xlabel="x", xticks=[-1, 0, 1])
+    panels[0].set_ylabel("y")
+    markers = [
+        Line2D([], [], linestyle="", marker="s", color="k", markersize=6),
+        Line2D([], [], linestyle="", marker="*", color="gold", markeredgecolor="k", markersize=13),
+        Line2D([], [], linestyle="", marker="o", color="0.5", markeredgecolor="k", markersize=7),
+    ]
+    marker_labels = ["start (-1.5, 2)", "minimum (1, 1)", f"end, after {steps} steps"]
+    top.legend(markers, marker_labels, loc="outside lower center", ncols=3, frameon=False)
+    top.suptitle("Paths on the contours of the Rosenbrock function", fontsize=12)
 
-    for (label, path), style in zip(paths.items(), styles, strict=True):
-        curves.plot([rosenbrock(p) for p in path], style, linewidth=2.0, label=label)
-    curves.set(xlabel="step", ylabel="f(x, y)", yscale="log", title="Loss (log scale)")
+    curves = bottom.subplots()
+    for (label, path), color in zip(paths.items(), colors, strict=True):
+        curves.plot([rosenbrock(p) for p in path], color=color, linewidth=1.8, label=label)
+    curves.set(xlabel="step", ylabel="f(x, y), log scale", yscale="log")
     curves.grid(True, which="major", alpha=0.3)
-    curves.legend(fontsize="small")
+    curves.set_title("Loss", fontsize=12)
+    bottom.legend(loc="outside right center", frameon=False)
 
-    figure.savefig(file, dpi=110)
+    adamw = next(label for label in paths if label.startswith("AdamW"))
+    end_x, end_y = paths[adamw][-1]
+    figure.text(
+        0.5,
+        0.012,
+        f"AdamW stops short of the minimum, at ({end_x:.2f}, {end_y:.2f}): its decoupled weight "
+        "decay shrinks the parameters\ntowards (0, 0) at every step, and on the nearly flat "
+        "valley floor that pull holds back the gradient's.",
+        ha="center",
+        va="bottom",
+        fontsize=11,
+    )
+
+    figure.savefig(file, dpi=120)
+    return paths
 
 
 # Command line --------------------------------------------------------------------------------
@@ -237,16 +272,18 @@ def plot_rosenbrock(file: Path, *, steps: int) -> None:
 
 DESCRIPTION = """\
 A short tour of adam_functional:
-  1) the seed notebook's 2x2 example through the pure adam_update and the
-     in-place Adam.step side by side (the weights must be identical);
+  1) the from-scratch notebook's 2x2 example through the pure adam_update and
+     the in-place Adam.step side by side (the weights must be identical);
   2) a tiny MLP trained on synthetic data with a plain loop over adam_update;
   3) with --plot, optimizer paths on the Rosenbrock function."""
 
 EPILOG = f"""\
 --plot needs matplotlib: {PLOT_EXTRA}
+Its file is checked before anything runs: the folder must exist and be
+writable, and the suffix a format matplotlib writes (.png, .pdf, .svg, ...).
 
 exit status: 0 on success, 1 if adam_update and Adam.step disagree,
-2 on a usage error or when --plot lacks matplotlib."""
+2 on a usage error or a --plot file that cannot be written."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot",
         type=Path,
         metavar="FILE.png",
-        help="also draw Adam, AdamW, AMSGrad and a warmup-cosine schedule on the Rosenbrock "
-        "function, with their loss curves, into FILE.png (needs matplotlib, see below)",
+        help="also run Adam, AdamW, AMSGrad and a warmup-cosine schedule on the Rosenbrock "
+        "function and draw their paths, one panel each, and their loss curves into FILE.png "
+        "(needs matplotlib, see below)",
     )
     parser.add_argument(
         "--plot-steps",
@@ -316,12 +354,41 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
-def _have_matplotlib() -> bool:
+def plot_file_problem(file: Path) -> str | None:
+    """Why ``--plot file`` would fail, found before any work is done; ``None`` if it will not."""
     try:
-        importlib.import_module("matplotlib")
+        from matplotlib import backend_bases
     except ImportError:
-        return False
-    return True
+        return PLOT_EXTRA_MISSING
+    option, folder = f"--plot {str(file)!r}", file.parent
+    if file.is_dir():
+        example = str(file / "rosenbrock.png")
+        return f"{option} is a folder; give a file name, such as {example!r}"
+    if not folder.exists():
+        return f"{option}: the folder {str(folder)!r} does not exist"
+    if not folder.is_dir():
+        return f"{option}: {str(folder)!r} is not a folder"
+    formats = backend_bases.FigureCanvasBase.get_supported_filetypes()
+    suffix = file.suffix.lower().removeprefix(".")
+    if suffix and suffix not in formats:
+        known = ", ".join(f".{name}" for name in sorted(formats))
+        return f"{option}: matplotlib cannot write .{suffix} files; use one of {known}"
+    # savefig opens the file for writing: an existing file must be writable, else the folder
+    # must let a file be created. Opening tests that as savefig will; access() would only predict
+    # it, and network file systems can make it wrong. An existing file is opened to append
+    # nothing, which leaves it as it was; the folder gets a nameless file, gone when closed.
+    try:
+        if file.exists():
+            with file.open("ab"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as error:
+        if file.exists():
+            return f"{option}: cannot overwrite the file ({error.strerror})"
+        return f"{option}: cannot create files in the folder {str(folder)!r} ({error.strerror})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,19 +398,30 @@ def main(argv: list[str] | None = None) -> int:
       argv: the arguments, without the program name; ``None`` reads ``sys.argv``.
 
     Returns:
-      0 on success, 1 if ``adam_update`` and ``Adam.step`` disagree, 2 if ``--plot`` is given
-      but matplotlib is missing. ``--help`` and usage errors exit through ``SystemExit`` as
-      argparse does.
+      0 on success, 1 if ``adam_update`` and ``Adam.step`` disagree, 2 if ``--plot`` cannot be
+      written (matplotlib missing, no such folder, a folder that cannot be written, a format
+      matplotlib does not know), found before any work is done. ``--help`` and usage errors exit
+      through ``SystemExit`` as argparse does.
     """
-    args = build_parser().parse_args(argv)
-    if args.plot is not None and not _have_matplotlib():
-        print(f"error: {PLOT_EXTRA_MISSING}", file=sys.stderr)
-        return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plot is not None:
+        problem = plot_file_problem(args.plot)
+        if problem is not None:
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr)
+            return 2
 
     identical = replay_notebook_example()
     print()
     train_mlp(steps=args.steps, seed=args.seed, lr=args.lr)
     if args.plot is not None:
-        plot_rosenbrock(args.plot, steps=args.plot_steps)
-        print(f"\n3) Rosenbrock trajectories and loss curves written to {args.plot}")
+        paths = plot_rosenbrock(args.plot, steps=args.plot_steps)
+        print(f"\n3) Rosenbrock from (-1.5, 2), minimum 0 at (1, 1): {args.plot_steps} steps each")
+        width = max(map(len, paths))
+        for label, path in paths.items():
+            x, y = path[-1]
+            print(
+                f"   {label:<{width}}  ends at ({x:.4f}, {y:.4f}), f = {rosenbrock(path[-1]):.2e}"
+            )
+        print(f"paths and loss curves written to {args.plot}")
     return 0 if identical else 1

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pytest
@@ -123,6 +124,14 @@ def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]
     assert "usage:" in capsys.readouterr().err
 
 
+def assert_one_error_line(err: str, *fragments: str) -> None:
+    """``err`` is one line in argparse's style that contains every fragment."""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("python -m adam_functional: error: --plot ")
+    for fragment in fragments:
+        assert fragment in err
+
+
 def test_plot_without_matplotlib_names_the_extra(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -130,9 +139,79 @@ def test_plot_without_matplotlib_names_the_extra(
     file = tmp_path / "trajectories.png"
     assert main(["--plot", str(file)]) == 2
     captured = capsys.readouterr()
-    assert EXTRA_HINT in captured.err
+    assert_one_error_line(captured.err, "needs matplotlib", EXTRA_HINT)
     assert captured.out == ""  # it fails before doing any work
     assert not file.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("missing/rosenbrock.png", "the folder '{tmp}/missing' does not exist"),
+        ("folder", "'{tmp}/folder' is a folder; give a file name, such as "),
+        ("file.txt/rosenbrock.png", "'{tmp}/file.txt' is not a folder"),
+        ("rosenbrock.xyz", "matplotlib cannot write .xyz files; use one of "),
+    ],
+    ids=["missing-folder", "a-folder", "a-file-as-folder", "unknown-format"],
+)
+def test_a_plot_file_that_cannot_be_written_fails_before_any_work(
+    name: str, expected: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file.txt").write_text("not a folder\n")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["--plot", str(tmp_path / name)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert_one_error_line(captured.err, expected.format(tmp=tmp_path))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_folder_that_refuses_new_files_is_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    # Root may write anywhere, so the refusal is simulated where the check creates its probe.
+    monkeypatch.setattr(_demo.tempfile, "TemporaryFile", refuse)
+    assert main(["--plot", str(tmp_path / "rosenbrock.png")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert_one_error_line(
+        captured.err, f"cannot create files in the folder '{tmp_path}' (Permission denied)"
+    )
+
+
+def test_an_existing_file_that_cannot_be_overwritten_is_reported(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    file = tmp_path / "rosenbrock.png"
+    file.write_bytes(b"kept")
+
+    def refuse(self: Path, *args: object, **kwargs: object) -> NoReturn:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "open", refuse)
+    assert main(["--plot", str(file)]) == 2
+    monkeypatch.undo()
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert_one_error_line(captured.err, "cannot overwrite the file (Permission denied)")
+    assert file.read_bytes() == b"kept"
+
+
+def test_an_existing_writable_file_passes_the_check_unchanged(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    file = tmp_path / "rosenbrock.png"
+    file.write_bytes(b"kept")
+    assert _demo.plot_file_problem(file) is None
+    assert file.read_bytes() == b"kept"
+    assert sorted(tmp_path.iterdir()) == [file]
 
 
 def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -140,7 +219,27 @@ def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
     file = tmp_path / "trajectories.png"
     assert main(["--steps", "20", "--plot", str(file), "--plot-steps", "200"]) == 0
     assert file.read_bytes()[:8] == PNG_SIGNATURE
-    assert str(file) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.endswith(f"paths and loss curves written to {file}\n")
+    for label in _demo.rosenbrock_configs(200):
+        assert re.search(
+            rf"^   {re.escape(label)} +ends at \(-?[0-9.]+, -?[0-9.]+\), f = ", out, re.M
+        )
+
+
+def test_adamw_ends_nearer_the_origin_than_adam_as_the_caption_says() -> None:
+    """The figure's caption explains AdamW's end point by its decay towards (0, 0)."""
+    start = np.array([-1.5, 2.0])
+    paths = {
+        label: _demo.minimize(_demo.rosenbrock_grad, start, config, 1000)
+        for label, config in _demo.rosenbrock_configs(1000).items()
+    }
+    ends = {label.split(" ")[0]: path[-1] for label, path in paths.items()}
+    minimum = np.array([1.0, 1.0])
+    np.testing.assert_allclose(ends["Adam"], minimum, atol=0.05)
+    assert np.linalg.norm(ends["AdamW"]) < np.linalg.norm(ends["Adam"]) - 0.3
+    assert np.linalg.norm(ends["AdamW"] - minimum) > 0.3
+    assert all(len(path) == 1001 for path in paths.values())
 
 
 def test_python_dash_m_help(tmp_path: Path) -> None:
@@ -156,3 +255,72 @@ def test_python_dash_m_help(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m adam_functional")
     assert "--plot" in result.stdout
+
+
+def test_python_dash_m_plot_into_a_missing_folder(tmp_path: Path) -> None:
+    """The command line a reader types: one line on stderr, exit status 2, nothing else."""
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(
+        [sys.executable, "-m", "adam_functional", "--plot", "plots/rosenbrock.png"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "python -m adam_functional: error: --plot 'plots/rosenbrock.png': "
+        "the folder 'plots' does not exist\n"
+    )
+
+
+DEMO_PAGE = Path(__file__).resolve().parent.parent / "docs" / "demo.md"
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?%?")
+
+
+def text_blocks(page: str) -> list[str]:
+    return re.findall(r"^```text\n(.*?)^```$", page, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_demo_page_lists_every_option_and_default() -> None:
+    page = DEMO_PAGE.read_text(encoding="utf-8")
+    parser = _demo.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        row = next(
+            line for line in page.splitlines() if line.startswith(f"| `{action.option_strings[0]} ")
+        )
+        if action.default is not None:
+            assert f"default: {action.default}" in row, row
+
+
+def test_demo_page_shows_what_the_demo_prints(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transcript on the docs page is the demo's output: same text, same numbers.
+
+    The numbers are compared to a relative 1e-4, so that a platform whose matrix products round
+    differently in the last bits still matches.
+    """
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--plot", "rosenbrock.png"]) == 0
+    printed = capsys.readouterr().out
+    shown = text_blocks(DEMO_PAGE.read_text(encoding="utf-8"))[0]
+    assert NUMBER.sub("#", shown) == NUMBER.sub("#", printed)
+    for documented, actual in zip(NUMBER.findall(shown), NUMBER.findall(printed), strict=True):
+        assert float(documented.rstrip("%")) == pytest.approx(float(actual.rstrip("%")), rel=1e-4)
+
+
+def test_demo_page_shows_the_error_the_demo_prints(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    command, error = text_blocks(DEMO_PAGE.read_text(encoding="utf-8"))[1].splitlines()
+    assert command == "$ python -m adam_functional --plot plots/rosenbrock.png"
+    assert main(command.split()[4:]) == 2
+    assert capsys.readouterr().err == error + "\n"

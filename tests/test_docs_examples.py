@@ -19,6 +19,7 @@ temporary directory.
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import os
 import re
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -126,6 +128,8 @@ def _missing_docs_tools() -> list[str]:
         "mkdocstrings",
         "mkdocstrings_handlers.python",
         "griffe_fieldz",
+        "math_core",
+        "ruff",
     ]
     missing = []
     for module in modules:
@@ -138,14 +142,20 @@ def _missing_docs_tools() -> list[str]:
     return missing
 
 
-def test_mkdocs_build_strict(tmp_path: Path) -> None:
-    """``mkdocs build --strict`` succeeds: no broken link, no unresolved API reference."""
+def _skip_without_docs_tools() -> None:
     missing = _missing_docs_tools()
     if missing:
         pytest.skip(
             f"the docs tools are not installed (missing {', '.join(missing)}); "
             "install them with: pip install -e '.[docs]'"
         )
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The docs site, built once with ``mkdocs build --strict``; its folder."""
+    _skip_without_docs_tools()
+    site_dir = tmp_path_factory.mktemp("site")
     environment = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     result = subprocess.run(
         [
@@ -157,7 +167,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
             "--config-file",
             str(ROOT / "mkdocs.yml"),
             "--site-dir",
-            str(tmp_path / "site"),
+            str(site_dir),
         ],
         capture_output=True,
         text=True,
@@ -166,5 +176,85 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "site" / "index.html").is_file()
-    assert (tmp_path / "site" / "api" / "index.html").is_file()
+    return site_dir
+
+
+def _page(site: Path, name: str) -> str:
+    return (site / name / "index.html").read_text(encoding="utf-8")
+
+
+def _prose(page_html: str) -> str:
+    """The page's HTML without code, scripts and styles: where a formula would show as text."""
+    return re.sub(r"<(pre|code|script|style)\b.*?</\1>", "", page_html, flags=re.DOTALL)
+
+
+def test_mkdocs_build_strict(site: Path) -> None:
+    """``mkdocs build --strict`` succeeds: no broken link, no unresolved API reference."""
+    assert (site / "index.html").is_file()
+    assert (site / "api" / "index.html").is_file()
+    assert not (site / "hooks").exists()  # the build's own code is not published
+
+
+def test_formulas_are_typeset_to_mathml_with_no_script(site: Path) -> None:
+    """Every formula is MathML in the built HTML: nothing is left for a script from the network."""
+    algorithm = _page(site, "algorithm")
+    assert algorithm.count("<math") >= 20
+    assert '<math display="block"><mtable' in algorithm  # the aligned steps, as a table
+    for page in sorted(site.rglob("*.html")):
+        text = _prose(page.read_text(encoding="utf-8"))
+        where = page.relative_to(site).as_posix()
+        for raw in ["\\(", "\\[", "\\begin{", "\\frac", "\\hat"]:
+            assert raw not in text, f"{where}: raw TeX {raw!r} left in the page"
+        assert "mathjax" not in text.lower(), where
+        assert not re.search(r"<script[^>]+src=\"https?:", page.read_text(encoding="utf-8")), where
+
+
+def test_long_signatures_are_wrapped_to_fit_the_page(site: Path) -> None:
+    """mkdocstrings formats the signatures (with Ruff) to ``line_length`` from mkdocs.yml."""
+    api = _page(site, "api")
+    signatures = re.findall(r'doc-signature highlight"><pre>(.*?)</pre>', api, flags=re.DOTALL)
+    assert len(signatures) >= 5
+    lines = [
+        line
+        for signature in signatures
+        for line in html.unescape(re.sub(r"<[^>]+>", "", signature)).splitlines()
+    ]
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert "adam_update(\n    params: " in "\n".join(lines)
+
+
+def test_demo_page_shows_the_figure(site: Path) -> None:
+    demo = _page(site, "demo")
+    assert '<img alt="' in demo and 'src="../rosenbrock.png"' in demo
+    assert (site / "rosenbrock.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _mathml_hook() -> Any:
+    spec = importlib.util.spec_from_file_location("mathml_hook", ROOT / "docs/hooks/mathml.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mathml_hook_replaces_the_tex_of_arithmatex() -> None:
+    _skip_without_docs_tools()
+    hook = _mathml_hook()
+    page = (
+        '<p>with <span class="arithmatex">\\(a &lt; b\\)</span> and</p>\n'
+        '<div class="arithmatex">\\[\n\\begin{aligned} x &amp;= 1 \\\\ y &amp;= 2 '
+        "\\end{aligned}\n\\]</div>"
+    )
+    typeset = hook.typeset(page)
+    assert typeset.startswith('<p>with <span class="arithmatex"><math><mi>a</mi><mo>&lt;</mo>')
+    assert '<div class="arithmatex"><math display="block"><mtable' in typeset
+    assert "\\" not in typeset and "&amp;" not in typeset
+
+
+def test_mathml_hook_names_the_page_of_a_bad_formula() -> None:
+    _skip_without_docs_tools()
+    hook = _mathml_hook()
+    with pytest.raises(
+        Exception, match=r"algorithm\.md: cannot typeset the formula '\\\\frac\{1\}'"
+    ):
+        hook.typeset('<span class="arithmatex">\\(\\frac{1}\\)</span>', where="algorithm.md")

@@ -22,7 +22,7 @@ import pytest
 
 NOTEBOOK_NAME = "adam_from_scratch_notebook.txt"
 NOTEBOOK_ENV = "ADAM_FUNCTIONAL_NOTEBOOK"
-# The shared folder sits beside the checkout, not inside it.
+# The notebook is not part of the repository; by default it is looked for beside it.
 DEFAULT_NOTEBOOK = Path(__file__).resolve().parents[1].parent / "shared" / "seed" / NOTEBOOK_NAME
 
 CELL_START = "In [None]:"
@@ -96,8 +96,8 @@ def notebook_path() -> Path:
 
 NOTEBOOK = notebook_path()
 MISSING_REASON = (
-    f"the seed notebook {NOTEBOOK_NAME} is not in this checkout; it sits beside the repository "
-    f"in development and CI (looked for {NOTEBOOK}; set {NOTEBOOK_ENV} to point at it)"
+    f"the seed notebook {NOTEBOOK_NAME} is not part of the package's source distribution; "
+    f"this test runs where it is available (set {NOTEBOOK_ENV} to its path)"
 )
 CELLS = parse_cells(NOTEBOOK.read_text(encoding="utf-8")) if NOTEBOOK.is_file() else []
 
