@@ -45,6 +45,7 @@ import numpy as np
 
 from adam_functional import _tree, schedules
 from adam_functional._checkpoint_header import Kind, Refusal, numeric_problem, short
+from adam_functional._namespaces import is_foreign, to_numpy
 from adam_functional._records import AdamConfig, AdamState
 
 # Bounds on the work a file can ask for (the module docstring states them).
@@ -63,6 +64,7 @@ _SCALAR_TYPES = ("none", "bool", "int", "float", "str")
 _MAPPING_TYPES = {"dict": dict, "OrderedDict": collections.OrderedDict}
 _SEQUENCE_TYPES = {"list": list, "tuple": tuple}
 _RECORD_TYPES = {"AdamState": AdamState, "AdamConfig": AdamConfig}
+_COUNTS = ("t", "skipped", "consecutive_skips")
 _MOMENTS = ("m", "v", "v_max")
 NODE_TYPES = (
     "array",
@@ -111,6 +113,8 @@ class Encoder:
             raise Refusal(f"nested more than {MAX_DEPTH} levels deep", path=path_text(self._parts))
         if kind is np.ndarray:
             return self._array("array", value)
+        if is_foreign(value):  # A JAX, torch, ... array: stored as NumPy data, loaded as NumPy.
+            return self._array("array", to_numpy(value))
         scalar = self._scalar(value, self._where)
         if scalar is not None:
             return scalar
@@ -208,6 +212,10 @@ class Encoder:
             value = getattr(record, field.name)
             if field.name == "lr" and not isinstance(value, float):
                 value = self._schedule(value)
+            elif field.name == "moment_dtype" and isinstance(value, np.dtype):
+                value = value.name
+            elif field.name in _COUNTS and is_foreign(value):  # A count held in an array.
+                value = int(to_numpy(value))
             fields[field.name] = self._child(_Field(field.name), value)
         return {"type": type(record).__name__, "fields": fields}
 
@@ -499,6 +507,8 @@ class Decoder:
         lr = values.get("lr")
         if isinstance(lr, dict):
             values["lr"] = self._valid("AdamConfig", schedules.from_dict, lr)
+        # Files written before moment_dtype existed kept the moments in the parameters' dtype.
+        values.setdefault("moment_dtype", "params")
         config: AdamConfig = self._record(AdamConfig, values)
         return config
 

@@ -12,25 +12,58 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple, TypeAlias
 
+import attrs
 import numpy as np
 
+from adam_functional._namespaces import is_foreign
+
 __all__ = [
+    "MAX_DEPTH",
+    "ArrayTree",
     "LeafPaths",
     "TreeDef",
     "flatten",
     "flatten_like",
     "format_path",
     "is_namedtuple_type",
+    "leaf_count",
+    "register_record",
     "tree_map",
 ]
+
+#: A tree of arrays: an array (NumPy's, or another library's) or a dict, ``OrderedDict``, list,
+#: tuple or namedtuple of trees. (Typed ``Any``: Python's type system cannot say "any array".)
+ArrayTree: TypeAlias = Any
 
 # A node of a tree definition: None for a leaf, else (container type, keys or None, children).
 # For dicts the keys are the dict's keys in order; for lists, tuples and namedtuples they are None.
 TreeDef = Any
 
 _MAPPINGS = (dict, OrderedDict)
+
+
+class _RecordKeys(NamedTuple):
+    """The keys of a record node: the fields that hold trees, and the other fields' values."""
+
+    names: tuple[str, ...]
+    aux: tuple[tuple[str, Any], ...]
+
+
+# Record types that trees walk into (AdamState): for each, the fields that hold trees of arrays.
+_RECORDS: dict[type, tuple[str, ...]] = {}
+
+
+def register_record(kind: type, tree_fields: tuple[str, ...]) -> None:
+    """Makes ``kind``, a record built with keyword arguments, a node of trees: its fields
+    ``tree_fields`` (those not None) hold subtrees; its other fields are kept as they are."""
+    _RECORDS[kind] = tree_fields
+
+
+#: How deep a tree may nest: deeper ones (and containers that contain themselves) are refused
+#: before Python's recursion limit is reached.
+MAX_DEPTH = 200
 
 
 def is_namedtuple_type(kind: type) -> bool:
@@ -94,45 +127,75 @@ def _child_key(kind: type, key: object) -> object:
     return key
 
 
-def flatten(tree: Any, root: str, leaf: str = "a NumPy array") -> tuple[list[np.ndarray], TreeDef]:
+def flatten(
+    tree: Any, root: str, leaf: str = "a NumPy array", *, none_leaves: bool = False
+) -> tuple[list[Any], TreeDef]:
     """Returns the leaves of ``tree`` in order and a definition to rebuild it.
 
     Args:
       tree: an array or a nest of dicts, lists, tuples and namedtuples of arrays.
       root: the argument's name, used in error messages (``params``, ``grads``, ...).
       leaf: what a leaf must be, for error messages.
+      none_leaves: take ``None`` as a leaf too (the ``v_max`` of leaves without AMSGrad).
 
     Raises:
       TypeError: a node is neither a NumPy array nor a supported container.
+      ValueError: the tree nests deeper than `MAX_DEPTH` or contains itself.
     """
     if type(tree) is np.ndarray:  # The common case, one array: no recursion, no bookkeeping.
         return [tree], None
     leaves: list[np.ndarray] = []
-    treedef = _flatten_into(tree, leaves, root, leaf, [])
+    treedef = _flatten_into(tree, leaves, root, leaf, [], none_leaves)
     return leaves, treedef
 
 
 def _flatten_into(
-    node: Any, leaves: list[np.ndarray], root: str, leaf: str, keys: list[object]
+    node: Any, leaves: list[Any], root: str, leaf: str, keys: list[object], none_leaves: bool
 ) -> TreeDef:
     kind = type(node)
-    if isinstance(node, np.ndarray):
+    if isinstance(node, np.ndarray) or (node is None and none_leaves):
         leaves.append(node)
         return None
+    if len(keys) >= MAX_DEPTH:
+        raise ValueError(
+            f"{format_path(root, keys[:3])}...: expected a tree at most {MAX_DEPTH} levels deep, "
+            "got a deeper one (or a container that contains itself)"
+        )
     if kind in _MAPPINGS:
         children = []
         for key, value in node.items():
             keys.append(key)
-            children.append(_flatten_into(value, leaves, root, leaf, keys))
+            children.append(_flatten_into(value, leaves, root, leaf, keys, none_leaves))
             keys.pop()
         return (kind, tuple(node.keys()), tuple(children))
+    if kind in _RECORDS:
+        present = tuple(n for n in _RECORDS[kind] if getattr(node, n) is not None)
+        aux = tuple(
+            (f.name, getattr(node, f.name)) for f in attrs.fields(kind) if f.name not in present
+        )
+        children = []
+        for name in present:
+            keys.append(_Field(name))
+            children.append(
+                _flatten_into(getattr(node, name), leaves, root, leaf, keys, none_leaves)
+            )
+            keys.pop()
+        return (kind, _RecordKeys(present, aux), tuple(children))
     if _is_sequence_type(kind):
+        if kind is not list and kind is not tuple and len(node) != len(kind._fields):
+            raise TypeError(
+                f"{format_path(root, keys)}: expected a namedtuple with one item per field, got "
+                f"{kind.__name__} with {len(node)} items and {len(kind._fields)} fields"
+            )
         children = []
         for index, value in enumerate(node):
             keys.append(_child_key(kind, index))
-            children.append(_flatten_into(value, leaves, root, leaf, keys))
+            children.append(_flatten_into(value, leaves, root, leaf, keys, none_leaves))
             keys.pop()
         return (kind, None, tuple(children))
+    if is_foreign(node):  # Another library's array (JAX, torch, dask, ...).
+        leaves.append(node)
+        return None
     raise TypeError(
         f"{format_path(root, keys)}: expected {leaf} or a dict, list, tuple or namedtuple of "
         f"them, got {kind.__name__}"
@@ -150,6 +213,8 @@ def _unflatten_from(treedef: TreeDef, leaves: Iterator[Any]) -> Any:
         return next(leaves)
     kind, keys, children = treedef
     values = [_unflatten_from(child, leaves) for child in children]
+    if isinstance(keys, _RecordKeys):
+        return kind(**dict(zip(keys.names, values)), **dict(keys.aux))
     if keys is not None:
         return kind(zip(keys, values))
     if kind is list or kind is tuple:
@@ -205,6 +270,12 @@ def _flatten_like_into(
             f"{format_path(root, keys)}: expected a {_container_name(kind)} like {like}, "
             f"got {_describe(node)}"
         )
+    if isinstance(node_keys, _RecordKeys):
+        for name, child in zip(node_keys.names, children):
+            keys.append(_Field(name))
+            _flatten_like_into(getattr(node, name), child, leaves, root, like, keys)
+            keys.pop()
+        return
     if node_keys is not None:
         if len(node) != len(node_keys) or any(key not in node for key in node_keys):
             missing = [key for key in node_keys if key not in node]
@@ -250,8 +321,77 @@ def _collect_paths(treedef: TreeDef, root: str, keys: list[object], paths: list[
         return
     kind, node_keys, children = treedef
     for index, child in enumerate(children):
-        keys.append(node_keys[index] if node_keys is not None else _child_key(kind, index))
+        if isinstance(node_keys, _RecordKeys):
+            keys.append(_Field(node_keys.names[index]))
+        else:
+            keys.append(node_keys[index] if node_keys is not None else _child_key(kind, index))
         _collect_paths(child, root, keys, paths)
+        keys.pop()
+
+
+def broadcast_prefix(prefix: Any, treedef: TreeDef, root: str, kind: type) -> list[Any]:
+    """Returns one value per leaf of ``treedef`` from ``prefix``, a tree of ``kind`` values whose
+    structure is a prefix of ``treedef``: a value at a node applies to every leaf below it, as
+    JAX's ``in_axes`` prefixes do.
+
+    Raises:
+      ValueError: ``prefix`` does not fit ``treedef``; the message names the first path where.
+      TypeError: a node of ``prefix`` is neither a ``kind`` nor a container.
+    """
+    if isinstance(prefix, kind):
+        return [prefix] * leaf_count(treedef)
+    values: list[Any] = []
+    _broadcast_into(prefix, treedef, root, kind, values, [])
+    return values
+
+
+def leaf_count(treedef: TreeDef) -> int:
+    """How many leaves a tree of the structure ``treedef`` has."""
+    if treedef is None:
+        return 1
+    return sum(leaf_count(child) for child in treedef[2])
+
+
+def _broadcast_into(
+    node: Any, treedef: TreeDef, root: str, kind: type, values: list[Any], keys: list[object]
+) -> None:
+    if isinstance(node, kind):
+        values.extend([node] * leaf_count(treedef))
+        return
+    node_kind = type(node)
+    if not (node_kind in _MAPPINGS or _is_sequence_type(node_kind)):
+        raise TypeError(
+            f"{format_path(root, keys)}: expected an {kind.__name__} or a dict, list, tuple or "
+            f"namedtuple of them, got {node_kind.__name__}"
+        )
+    if treedef is None:
+        raise ValueError(
+            f"{format_path(root, keys)}: expected an {kind.__name__} for the array of params "
+            f"there, got {_describe(node)}"
+        )
+    path = format_path(root, keys)
+    container, node_keys, subtrees = treedef
+    if node_kind is not container:
+        raise ValueError(
+            f"{path}: expected an {kind.__name__} or a {_container_name(container)} like params, "
+            f"got {_describe(node)}"
+        )
+    if node_keys is not None:
+        if len(node) != len(node_keys) or any(key not in node for key in node_keys):
+            raise ValueError(
+                f"{path}: expected the keys of params {list(node_keys)!r}, got {list(node)!r}"
+            )
+        items = [(key, node[key]) for key in node_keys]
+    else:
+        if len(node) != len(subtrees):
+            raise ValueError(
+                f"{path}: expected a {_container_name(container)} of length {len(subtrees)} like "
+                f"params, got length {len(node)}"
+            )
+        items = [(_child_key(container, index), item) for index, item in enumerate(node)]
+    for (key, child), subtree in zip(items, subtrees):
+        keys.append(key)
+        _broadcast_into(child, subtree, root, kind, values, keys)
         keys.pop()
 
 

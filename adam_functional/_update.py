@@ -1,99 +1,33 @@
-"""The pure update: `adam_init` and `adam_update`, and the checks they share.
+"""The pure update: `adam_init` and `adam_update`.
 
-Every check runs before any arithmetic, so a call that raises has computed nothing, and since the
-pure update writes only arrays it has just made, its inputs are never touched in any case.
+`adam_update` checks its ``state`` against the parameters, takes the checked step of
+``adam_functional._step``, and runs it into fresh arrays; it writes none of its inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 
-from adam_functional import _kernels, _tree
-from adam_functional._records import AdamConfig, AdamState
-from adam_functional._tree import LeafPaths
+from adam_functional import _tree
+from adam_functional._namespaces import is_foreign, namespace
+from adam_functional._records import AdamConfig, AdamState, ConfigTree, register_with_jax, seal
+from adam_functional._step import (
+    LeafState,
+    Step,
+    configs_for,
+    moments_dtype,
+    one_library,
+    plain,
+    prepare_step,
+    run,
+    run_array_api,
+)
+from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
 
 __all__ = ["adam_init", "adam_update"]
-
-_FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
-
-
-def check_params(leaves: Sequence[np.ndarray], paths: LeafPaths) -> None:
-    """Raises ``TypeError`` unless every parameter is a floating-point array."""
-    for index, leaf in enumerate(leaves):
-        if leaf.dtype.kind != "f":
-            raise TypeError(f"{paths[index]}: expected {_FLOAT_PARAMS}, got dtype {leaf.dtype}")
-
-
-def as_grad(g: Any, p: np.ndarray, path: LeafPaths, index: int) -> np.ndarray:
-    """Returns gradient leaf ``g`` as an array after checking it against its parameter ``p``.
-
-    Raises:
-      TypeError: ``g`` is not an array or real scalar, or holds no real numbers.
-      ValueError: its shape is not exactly that of ``p`` (nothing is ever broadcast).
-    """
-    if not isinstance(g, np.ndarray):
-        if isinstance(g, bool | np.bool_) or not isinstance(
-            g, float | int | np.floating | np.integer
-        ):
-            raise TypeError(
-                f"{path[index]}: expected an array of real numbers, got {type(g).__name__}"
-            )
-        g = np.asarray(g)
-    array: np.ndarray = g
-    if array.dtype.kind not in "fiu":
-        raise TypeError(
-            f"{path[index]}: expected real numbers (a float or int dtype), got dtype {array.dtype}"
-        )
-    if array.shape != p.shape:
-        raise ValueError(f"{path[index]}: expected shape {p.shape} like params, got {array.shape}")
-    return array
-
-
-def check_moment(x: Any, p: np.ndarray, path: LeafPaths, index: int) -> None:
-    """Raises ``ValueError`` unless state leaf ``x`` has the shape and dtype of parameter ``p``."""
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{path[index]}: expected an array like params, got {type(x).__name__}")
-    if x.shape != p.shape or x.dtype != p.dtype:
-        raise ValueError(
-            f"{path[index]}: expected dtype {p.dtype} and shape {p.shape} like params, got dtype "
-            f"{x.dtype} and shape {x.shape}; was this state made for other params?"
-        )
-
-
-def find_bad_gradient(
-    grads: Sequence[np.ndarray], params: Sequence[np.ndarray]
-) -> tuple[int, str] | None:
-    """Returns the index of the first gradient holding NaN, infinity or a value whose square
-    overflows, with a description of what it holds; or None when all are fine."""
-    for index, (g, p) in enumerate(zip(grads, params)):
-        problem = _kernels.gradient_problem(g, p.dtype)
-        if problem is not None:
-            return index, problem
-    return None
-
-
-def may_skip(config: AdamConfig, streak: int) -> bool:
-    """Whether a step with bad gradients may be skipped as the ``streak``-th in a row."""
-    if config.nonfinite != "skip":
-        return False
-    return config.max_consecutive_skips is None or streak <= config.max_consecutive_skips
-
-
-def nonfinite_error(problem: str, path: str, config: AdamConfig, streak: int) -> FloatingPointError:
-    """The error for a gradient at ``path`` that holds what ``problem`` describes."""
-    if config.nonfinite == "skip":
-        advice = (
-            f"it would be skip {streak} in a row, more than "
-            f"AdamConfig.max_consecutive_skips={config.max_consecutive_skips}"
-        )
-    else:
-        advice = "AdamConfig(nonfinite='skip') skips such steps"
-    return FloatingPointError(
-        f"{path}: expected finite gradients, got {problem}; nothing was changed. {advice}"
-    )
 
 
 def _require(value: Any, kind: type, name: str) -> None:
@@ -101,26 +35,26 @@ def _require(value: Any, kind: type, name: str) -> None:
         raise TypeError(f"{name}: expected an {kind.__name__}, got {type(value).__name__}")
 
 
-def _frozen_zeros(leaf: np.ndarray) -> np.ndarray:
-    zeros = np.zeros(leaf.shape, leaf.dtype)
-    zeros.flags.writeable = False
-    return zeros
-
-
-def adam_init(params: Any, config: AdamConfig | None = None) -> AdamState:
+def adam_init(params: ArrayTree, config: AdamConfig | ConfigTree | None = None) -> AdamState:
     """Returns the state of Adam before its first step: zero moments shaped like ``params``.
 
     Args:
       params: a floating-point NumPy array, or a tree of them: nested dicts, lists, tuples and
         namedtuples with arrays at the leaves.
-      config: with ``amsgrad=True`` the state also holds ``v_max``; the default config does not.
+      config: an `AdamConfig`, or a tree of them that is a prefix of ``params`` (as in
+        `adam_update`); the default is ``AdamConfig()``. Leaves whose config has
+        ``amsgrad=True`` get ``v_max`` too, and each leaf's moments have the dtype its config's
+        ``moment_dtype`` gives.
 
     Returns:
       An `AdamState` with ``t=0`` whose read-only ``m`` and ``v`` mirror ``params`` in
-      structure, shapes and dtypes.
+      structure and shapes. ``v_max`` is None when no leaf uses AMSGrad, else a tree like ``m``
+      with None at the leaves that do not.
 
     Raises:
-      TypeError: a leaf is not a floating-point array, or ``config`` is not an ``AdamConfig``.
+      TypeError: a leaf is not a floating-point array, or ``config`` is not an ``AdamConfig``
+        or a tree of them.
+      ValueError: the config tree does not fit ``params``.
 
     Examples:
       >>> import numpy as np
@@ -128,41 +62,84 @@ def adam_init(params: Any, config: AdamConfig | None = None) -> AdamState:
       AdamState(t=0, skipped=0, consecutive_skips=0, m={'w': float64[2, 3], 'b': float32[3]}, \
 v={'w': float64[2, 3], 'b': float32[3]}, v_max=None)
     """
-    if config is None:
-        config = AdamConfig()
-    _require(config, AdamConfig, "config")
     leaves, treedef = _tree.flatten(params, "params")
-    check_params(leaves, LeafPaths(treedef, "params"))
+    configs = configs_for(AdamConfig() if config is None else config, treedef)
+    paths = LeafPaths(treedef, "params")
+    if any(is_foreign(leaf) for leaf in leaves):
+        return _init_array_api(leaves, treedef, configs, paths)
+    for index, leaf in enumerate(leaves):
+        if plain(leaf).dtype.kind != "f":
+            raise TypeError(
+                f"{paths[index]}: expected a floating-point array (float16, float32, float64 or "
+                f"longdouble), got dtype {leaf.dtype}"
+            )
+    dtypes = [c.moments_dtype(leaf.dtype) for leaf, c in zip(leaves, configs)]
 
-    def zeros() -> Any:
-        return _tree.unflatten(treedef, [_frozen_zeros(leaf) for leaf in leaves])
+    def zeros(where: list[bool]) -> Any:
+        return _tree.unflatten(
+            treedef,
+            [
+                seal(np.zeros(leaf.shape, dtype)) if wanted else None
+                for leaf, dtype, wanted in zip(leaves, dtypes, where)
+            ],
+        )
 
-    return AdamState._trusted(zeros(), zeros(), 0, zeros() if config.amsgrad else None, 0, 0)
+    every = [True] * len(leaves)
+    amsgrad = [c.amsgrad for c in configs]
+    return AdamState(zeros(every), zeros(every), 0, zeros(amsgrad) if any(amsgrad) else None)
+
+
+def _init_array_api(
+    leaves: list[Any], treedef: TreeDef, configs: list[AdamConfig], paths: LeafPaths
+) -> AdamState:
+    """`adam_init` for the arrays of one library other than NumPy: zeros of that library, on the
+    parameters' device (and, for JAX, with their sharding)."""
+    lib = one_library(leaves, paths)
+    xp = namespace(leaves[0], paths[0])
+    dtypes = []
+    for index, leaf in enumerate(leaves):
+        if not xp.isdtype(leaf.dtype, "real floating"):
+            raise TypeError(
+                f"{paths[index]}: expected a floating-point array, got dtype {leaf.dtype}"
+            )
+        dtypes.append(moments_dtype(xp, leaf.dtype, configs[index]))
+
+    def zeros(where: list[bool]) -> Any:
+        return _tree.unflatten(
+            treedef,
+            [
+                xp.zeros_like(leaf, dtype=dtype) if wanted else None
+                for leaf, dtype, wanted in zip(leaves, dtypes, where)
+            ],
+        )
+
+    every = [True] * len(leaves)
+    amsgrad = [c.amsgrad for c in configs]
+    if lib == "jax":
+        # Under jax.jit the count is data, a 0-d integer array, so that one trace serves every
+        # step; it starts as one, so that the first call traces what the others do.
+        register_with_jax()
+        # The default integer dtype, not weakly typed: int32, or int64 with jax_enable_x64.
+        zero = xp.zeros((), dtype=xp.asarray(0).dtype)
+        counts = (zero, zero, zero)
+    else:
+        counts = (0, 0, 0)
+    v_max = zeros(amsgrad) if any(amsgrad) else None
+    return AdamState(zeros(every), zeros(every), counts[0], v_max, counts[1], counts[2])
 
 
 def adam_update(
-    params: Any, grads: Any, state: AdamState, config: AdamConfig
-) -> tuple[Any, AdamState]:
+    params: ArrayTree, grads: ArrayTree, state: AdamState, config: AdamConfig | ConfigTree
+) -> tuple[ArrayTree, AdamState]:
     r"""Takes one Adam step: returns new parameters and a new state, and changes nothing.
 
-    With ``t = state.t + 1`` and every operation elementwise, in this order (the notebook's):
-
-    ```text
-    g     = -g                               if maximize
-    g     = g + weight_decay * p             if weight_decay > 0 and not decoupled (L2)
-    p     = p * (1 - lr(t) * weight_decay)   if decoupled_weight_decay (AdamW)
-    m     = beta1 * m + (1 - beta1) * g
-    v     = beta2 * v + (1 - beta2) * g**2
-    v_max = max(v_max, v)                    if amsgrad (and v_max replaces v below)
-    m_hat = m / (1 - beta1**t)
-    v_hat = v / (1 - beta2**t)
-    p     = p - lr(t) * m_hat / (sqrt(v_hat) + eps)
-    ```
-
-    This is Algorithm 1 of Kingma & Ba with the notebook's placement of ``eps`` (outside the
-    square root, after bias correction, as in ``torch.optim.Adam`` and ``optax.adam``). In
-    float64 the results are bit-for-bit those of the notebook's class. float16 parameters are
-    computed in float32 and rounded back; moments keep the parameters' dtype.
+    With ``t = state.t + 1``: Algorithm 1 of Kingma & Ba, with the bias-corrected moments, ``eps``
+    outside the square root (as ``torch.optim.Adam`` and ``optax.adam``), and the options of
+    `AdamConfig`. The formula, in the order it is computed, is on the
+    [Algorithm](algorithm.md) page. The results agree with the notebook's class to rounding (a
+    few ulps per step), bit for bit between this function, `Adam.step` and every NumPy backend.
+    float16 parameters are computed in float32 and rounded back, with float32 moments by
+    default (`AdamConfig.moment_dtype`).
 
     The function is pure: it writes none of its arguments, the new parameters are fresh arrays,
     and the new state's arrays are fresh and read-only. A skipped step (``nonfinite="skip"``)
@@ -174,18 +151,23 @@ def adam_update(
       grads: the gradients, a tree with the structure of ``params`` whose leaves have exactly the
         shapes of the parameters (never broadcast) and real dtypes (cast to the parameters').
       state: from `adam_init` or a previous call, made for parameters of this structure.
-      config: the hyperparameters.
+      config: the hyperparameters: an `AdamConfig`, or a tree of them that is a prefix of
+        ``params``, where a config at a node applies to every leaf below it (as JAX's
+        ``in_axes``). ``{"w": AdamConfig(lr=1e-3, weight_decay=0.1,
+        decoupled_weight_decay=True), "b": AdamConfig(lr=1e-3)}`` is AdamW with the decay masked
+        off ``b``. Leaves may differ in every option; all share the state's step count.
 
     Returns:
       ``(new_params, new_state)``: ``new_params`` has the structure and container types of
       ``params``; ``new_state.t == state.t + 1`` unless the step was skipped.
 
     Raises:
-      ValueError: ``grads`` or the state differ from ``params`` in structure, shape or dtype
-        (the message names the path), or a schedule returned an invalid rate.
+      ValueError: ``grads``, the state or the config tree differ from ``params`` in structure,
+        shape or dtype (the message names the path), or a schedule returned an invalid rate.
       TypeError: a parameter is not floating point, a gradient holds no real numbers, or
-        ``state``/``config`` are not an ``AdamState``/``AdamConfig``.
-      FloatingPointError: a gradient holds NaN or infinity and ``config.nonfinite == "raise"``.
+        ``state``/``config`` are not an ``AdamState``/``AdamConfig`` (tree).
+      FloatingPointError: a gradient holds NaN or infinity (or its step would overflow the
+        moments) and its config has ``nonfinite="raise"``.
 
     Examples:
       >>> import numpy as np
@@ -201,71 +183,129 @@ def adam_update(
       https://arxiv.org/abs/1412.6980
     """
     _require(state, AdamState, "state")
-    _require(config, AdamConfig, "config")
-    p_leaves, treedef = _tree.flatten(params, "params")
-    check_params(p_leaves, LeafPaths(treedef, "params"))
-    g_leaves = _tree.flatten_like(grads, treedef, "grads")
-    moments = [
-        (name, _tree.flatten_like(tree, treedef, f"state.{name}"))
-        for name, tree in (("m", state.m), ("v", state.v), ("v_max", state.v_max))
-        if tree is not None
-    ]
-    if config.amsgrad != (state.v_max is not None):
-        raise ValueError(
-            f"state.v_max: expected {'arrays' if config.amsgrad else 'None'} with "
-            f"amsgrad={config.amsgrad}, got {'None' if state.v_max is None else 'arrays'}; "
-            "make the state with adam_init(params, config)"
+    leaves, treedef = _tree.flatten(params, "params")
+    configs = configs_for(config, treedef)
+    one_library(leaves, LeafPaths(treedef, "params"))
+    states = _leaf_states(state, leaves, treedef, configs)
+    step = prepare_step(leaves, treedef, grads, states, configs, in_place=False)
+    if step.xp is not None:
+        return _update_array_api(step, states, state, treedef)
+    if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
+        copies = [np.array(p, copy=True) for p in step.params]
+        skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
+        return _tree.unflatten(treedef, copies), skipped
+    outputs = [
+        (
+            np.empty(p.shape, p.dtype),
+            np.empty(p.shape, dtype),
+            np.empty(p.shape, dtype),
+            np.empty(p.shape, dtype) if c.amsgrad else None,
         )
-    g_paths = LeafPaths(treedef, "grads")
-    grads_arrays = [as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, p_leaves))]
-    for name, leaves in moments:
-        m_paths = LeafPaths(treedef, f"state.{name}")
-        for index, (x, p) in enumerate(zip(leaves, p_leaves)):
-            check_moment(x, p, m_paths, index)
+        for p, dtype, c in zip(step.params, step.moments, configs)
+    ]
+    run(step, states, outputs)
+    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
+    return _tree.unflatten(treedef, new_p), AdamState(
+        _tree.unflatten(treedef, [seal(m) for m in new_m]),
+        _tree.unflatten(treedef, [seal(v) for v in new_v]),
+        state.t + 1,
+        _tree.unflatten(treedef, [None if x is None else seal(x) for x in new_vm])
+        if state.v_max is not None
+        else None,
+        state.skipped,
+        0,
+    )
 
-    if config.nonfinite != "propagate":
-        bad = find_bad_gradient(grads_arrays, p_leaves)
-        if bad is not None:
-            index, problem = bad
-            streak = state.consecutive_skips + 1
-            if not may_skip(config, streak):
-                raise nonfinite_error(problem, g_paths[index], config, streak)
-            copies = _tree.unflatten(treedef, [np.array(p, copy=True) for p in p_leaves])
-            return copies, AdamState._trusted(
-                state.m, state.v, state.t, state.v_max, state.skipped + 1, streak
-            )
 
-    t = state.t + 1
-    c = _kernels.coefficients(config, t)
-    m_leaves, v_leaves = moments[0][1], moments[1][1]
-    vm_leaves = moments[2][1] if config.amsgrad else [None] * len(p_leaves)
-    kernel = _kernels.prepare()
-    new_p, new_m, new_v, new_vm = [], [], [], []
-    # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it was
-    # asked to propagate) must not interrupt the step half-way, warning or not.
-    with np.errstate(all="ignore"):
-        for p, g, m, v, vm in zip(p_leaves, grads_arrays, m_leaves, v_leaves, vm_leaves):
-            shape, dtype = p.shape, p.dtype
-            out_p, out_m, out_v = (
-                np.empty(shape, dtype),
-                np.empty(shape, dtype),
-                np.empty(shape, dtype),
+def _leaf_states(
+    state: AdamState, leaves: list[np.ndarray], treedef: TreeDef, configs: list[AdamConfig]
+) -> list[LeafState]:
+    """Checks that ``state`` was made for these parameters and configs; returns it leaf by leaf.
+
+    Raises:
+      ValueError: the state differs from the parameters in structure or shape, its moments
+        have another dtype than the configs give, or it has ``v_max`` where a leaf's config has
+        no AMSGrad (or the other way round).
+    """
+    m = _tree.flatten_like(state.m, treedef, "state.m")
+    v = _tree.flatten_like(state.v, treedef, "state.v")
+    if state.v_max is None:
+        v_max: list[Any] = [None] * len(leaves)
+    else:
+        v_max = _tree.flatten_like(state.v_max, treedef, "state.v_max")
+    moment_paths = {name: LeafPaths(treedef, f"state.{name}") for name in ("m", "v", "v_max")}
+    wanted = {config.amsgrad for config in configs}
+    if len(wanted) == 1 and wanted != {state.v_max is not None}:  # The whole tree, one way.
+        amsgrad = wanted.pop()
+        raise ValueError(
+            f"state.v_max: expected {'arrays' if amsgrad else 'None'} with amsgrad={amsgrad}, got "
+            f"{'None' if state.v_max is None else 'arrays'}; make the state with "
+            "adam_init(params, config)"
+        )
+    for index, (p, config) in enumerate(zip(leaves, configs)):
+        if config.amsgrad != (v_max[index] is not None):
+            where = moment_paths["v_max"][index] if state.v_max is not None else "state.v_max"
+            raise ValueError(
+                f"{where}: expected {'an array' if config.amsgrad else 'None'} with "
+                f"amsgrad={config.amsgrad}, got {'None' if v_max[index] is None else 'an array'}; "
+                "make the state with adam_init(params, config)"
             )
-            out_vm = None if vm is None else np.empty(shape, dtype)
-            kernel(p, g, m, v, vm, c, out_p, out_m, out_v, out_vm)
-            out_m.flags.writeable = False
-            out_v.flags.writeable = False
-            if out_vm is not None:
-                out_vm.flags.writeable = False
-            new_p.append(out_p)
-            new_m.append(out_m)
-            new_v.append(out_v)
-            new_vm.append(out_vm)
-    return _tree.unflatten(treedef, new_p), AdamState._trusted(
+        if is_foreign(p):
+            xp = namespace(p, "params")
+            if not xp.isdtype(p.dtype, "real floating"):
+                continue  # The step reports a parameter of the wrong dtype, in its own words.
+            p_dtype, expected = p.dtype, moments_dtype(xp, p.dtype, config)
+        else:
+            p_dtype = plain(p).dtype
+            if p_dtype.kind != "f":
+                continue
+            expected = config.moments_dtype(p_dtype)
+        for name, x in (("m", m[index]), ("v", v[index]), ("v_max", v_max[index])):
+            if x is not None and (tuple(x.shape) != tuple(p.shape) or x.dtype != expected):
+                raise ValueError(
+                    f"{moment_paths[name][index]}: expected dtype {expected} and shape {p.shape} "
+                    f"like params, got dtype {x.dtype} and shape {x.shape}; "
+                    f"{_mismatch_hint(x.dtype, p_dtype, expected)}"
+                )
+    return [
+        LeafState(*arrays, state.t, state.consecutive_skips, None) for arrays in zip(m, v, v_max)
+    ]
+
+
+def _mismatch_hint(got: np.dtype, params: np.dtype, expected: np.dtype) -> str:
+    if got == params and expected != params:
+        # A state of 0.1, whose float16 parameters kept float16 moments.
+        return (
+            f"a state made with {params} moments needs AdamConfig(moment_dtype='params') "
+            "(the default keeps float32 moments for float16 parameters)"
+        )
+    return "was this state made for other params?"
+
+
+def _update_array_api(
+    step: Step, states: list[LeafState], state: AdamState, treedef: TreeDef
+) -> tuple[Any, AdamState]:
+    """The end of `adam_update` for another library's arrays: the kernel returns new arrays."""
+    if step.coefficients is None:  # Skipped (known now): the parameters as they were.
+        kept = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
+        copies = [step.xp.asarray(p, copy=True) for p in step.params]
+        return _tree.unflatten(treedef, copies), kept
+    outputs = run_array_api(step, states)
+    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
+    # Counts held in arrays (JAX) stay arrays of their dtype, so that jit sees one signature.
+    t, skipped, streak = state.t + 1, state.skipped, state.consecutive_skips * 0
+    if step.taken is not None:  # Lazy arrays: the step is taken where `taken` holds.
+        xp = step.xp
+        count = state.t.dtype if hasattr(state.t, "dtype") else xp.int64
+        taken = xp.astype(step.taken, count)
+        t = state.t + taken
+        skipped = state.skipped + (1 - taken)
+        streak = (state.consecutive_skips + 1) * (1 - taken)
+    return _tree.unflatten(treedef, new_p), AdamState(
         _tree.unflatten(treedef, new_m),
         _tree.unflatten(treedef, new_v),
         t,
-        _tree.unflatten(treedef, new_vm) if config.amsgrad else None,
-        state.skipped,
-        0,
+        _tree.unflatten(treedef, new_vm) if state.v_max is not None else None,
+        skipped,
+        streak,
     )

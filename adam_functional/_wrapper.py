@@ -1,43 +1,59 @@
 """The in-place wrapper `Adam`: the notebook's ``step(params, grads)`` on the pure core.
 
-It keeps one moment buffer pair per stepped array, keyed like the notebook by ``id()`` of the array
+It keeps one moment buffer set per stepped array, keyed like the notebook by ``id()`` of the array
 but tied to the array's life by a weak reference, so a new array that happens to reuse a dead
-array's ``id()`` starts fresh. Each step runs the same checks as `adam_update`, then the same
-kernel, with the wrapper's own buffers and the caller's arrays as the outputs (donation).
+array's ``id()`` starts fresh. A step finds each array's buffers, takes the checked step of
+``adam_functional._step`` and runs it with the caller's arrays and its own buffers as the outputs
+(donation). It adds no check and no arithmetic of its own.
 """
 
 from __future__ import annotations
 
 import bisect
-import numbers
+import contextlib
+import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
-from adam_functional import _kernels, _tree, schedules
-from adam_functional._records import PICKLE_VERSION, AdamConfig, AdamState, _unpickle
-from adam_functional._tree import LeafPaths
-from adam_functional._update import (
-    as_grad,
-    check_params,
-    find_bad_gradient,
-    may_skip,
-    nonfinite_error,
+from adam_functional import _tree
+from adam_functional import state_dict as plain_data
+from adam_functional._namespaces import is_foreign, namespace
+from adam_functional._records import (
+    PICKLE_VERSION,
+    AdamConfig,
+    AdamState,
+    ConfigTree,
+    check_names,
+    short_repr,
+    unpickle,
 )
+from adam_functional._step import (
+    LeafState,
+    configs_for,
+    plain,
+    prepare_step,
+    run,
+    run_array_api,
+)
+from adam_functional._tree import ArrayTree
+
+if TYPE_CHECKING:
+    from adam_functional.schedules import Schedule
 
 __all__ = ["Adam"]
 
-#: The ``format`` entry of a state dict, and the versions of it this release reads.
-STATE_DICT_FORMAT = "adam_functional.Adam"
-STATE_DICT_VERSION = 1
-
-
-#: The integer counters of a state, as in `AdamState`.
+#: The counters of a state, as in `AdamState`.
 _COUNTS = ("t", "skipped", "consecutive_skips")
+#: Config fields fixed at construction: they decide what a state holds.
+_FIXED = frozenset({"amsgrad", "moment_dtype"})
+# How many recently freed views the optimizer remembers, to notice a view made anew each step.
+_FREED_VIEWS = 64
 
 
 class _Slot:
@@ -68,42 +84,50 @@ class _Slot:
         self.rank = 0
 
     @classmethod
-    def zeros_like(cls, p: np.ndarray, amsgrad: bool) -> _Slot:
-        return cls(
-            np.zeros(p.shape, p.dtype),
-            np.zeros(p.shape, p.dtype),
-            np.zeros(p.shape, p.dtype) if amsgrad else None,
-        )
+    def zeros_like(cls, p: Any, dtype: Any, amsgrad: bool, xp: Any = None) -> _Slot:
+        """A fresh state for parameter ``p``, with moments of ``dtype`` (of namespace ``xp``
+        for another library's arrays, on ``p``'s device)."""
 
-    def fits(self, p: np.ndarray) -> bool:
-        return self.m.shape == p.shape and self.m.dtype == p.dtype
+        def zeros() -> Any:
+            return np.zeros(p.shape, dtype) if xp is None else xp.zeros_like(p, dtype=dtype)
 
-    def buffers(self) -> tuple[np.ndarray, ...]:
-        return (self.m, self.v) if self.v_max is None else (self.m, self.v, self.v_max)
+        return cls(zeros(), zeros(), zeros() if amsgrad else None)
 
-    def fields(self) -> dict[str, Any]:
-        """The state as a dict of `AdamState`'s fields (the arrays themselves, not copies)."""
-        return {"m": self.m, "v": self.v, "v_max": self.v_max, **self.counts()}
+    @classmethod
+    def from_state(cls, state: AdamState) -> _Slot:
+        """A slot with writeable copies of a (checked) one-array state's moments."""
+        v_max = None if state.v_max is None else np.array(state.v_max)
+        counts = {name: getattr(state, name) for name in _COUNTS}
+        return cls(np.array(state.m), np.array(state.v), v_max, **counts)
 
-    def counts(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in _COUNTS}
+    def leaf_state(self, origin: str) -> LeafState:
+        return LeafState(self.m, self.v, self.v_max, self.t, self.consecutive_skips, origin)
+
+    def snapshot(self) -> AdamState:
+        """The state as an `AdamState` (copies: the caller holds the optimizer's lock)."""
+        counts = {name: getattr(self, name) for name in _COUNTS}
+        return AdamState(m=self.m, v=self.v, v_max=self.v_max, **counts)
 
 
 class _StateView(Mapping[int, Any]):
     """A read-only mapping from ``id(array)`` to one field of that array's state."""
 
-    __slots__ = ("_field", "_slots")
+    __slots__ = ("_field", "_lock", "_slots")
 
-    def __init__(self, slots: dict[int, _Slot], field: str) -> None:
+    def __init__(self, slots: dict[int, _Slot], field: str, lock: threading.RLock) -> None:
         self._slots = slots
         self._field = field
+        self._lock = lock
 
     def __getitem__(self, key: int) -> Any:
-        value = getattr(self._slots[key], self._field)
-        if isinstance(value, np.ndarray):
-            # A read-only copy: a view of the optimizer's buffer could be made writeable again.
-            value = value.copy()
-            value.flags.writeable = False
+        with self._lock:
+            value = getattr(self._slots[key], self._field)
+            if is_foreign(value):
+                return namespace(value, "Adam").asarray(value, copy=True)
+            if isinstance(value, np.ndarray):
+                # A read-only copy: a view of the optimizer's buffer could be made writeable.
+                value = value.copy()
+                value.flags.writeable = False
         return value
 
     def __iter__(self) -> Iterator[int]:
@@ -116,15 +140,22 @@ class _StateView(Mapping[int, Any]):
         return f"<Adam.{self._field}: {len(self)} array{'' if len(self) == 1 else 's'}>"
 
 
-def _config_property(name: str, settable: bool) -> property:
+def _config_property(name: str) -> property:
     def get(self: Adam) -> Any:
         return getattr(self._config, name)
 
     def set_(self: Adam, value: Any) -> None:
-        self._config = attrs.evolve(self._config, **{name: value})
+        if name in _FIXED:
+            raise AttributeError(
+                f"Adam.{name}: fixed at construction, since it decides what a state holds; "
+                f"make a new optimizer, Adam({name}=...)"
+            )
+        with self._lock:
+            self._config = attrs.evolve(self._config, **{name: value})
 
-    doc = f"``AdamConfig.{name}`` of this optimizer{'; assigning changes later steps' * settable}."
-    return property(get, set_ if settable else None, doc=doc)
+    fixed = name in _FIXED
+    doc = f"``AdamConfig.{name}`` of this optimizer; {'fixed' if fixed else 'assigning changes'}"
+    return property(get, set_, doc=f"{doc} {'at construction' if fixed else 'later steps'}.")
 
 
 class Adam:
@@ -140,6 +171,9 @@ class Adam:
     the state of a freed array whose ``id()`` it reuses, since the state of an array lives exactly
     as long as the array.
 
+    Every field of `AdamConfig` is also an attribute (``opt.lr``, ``opt.max_consecutive_skips``,
+    ...); assigning one changes the later steps, except ``amsgrad``, fixed at construction.
+
     Args:
       lr: learning rate, or a schedule (see `AdamConfig`).
       beta1: decay rate of the first moment.
@@ -147,7 +181,7 @@ class Adam:
       eps: added to the denominator.
       weight_decay: L2 penalty (or AdamW's decay with ``decoupled_weight_decay=True``).
       **options: any other `AdamConfig` field: ``decoupled_weight_decay``, ``amsgrad``,
-        ``maximize``, ``nonfinite``.
+        ``maximize``, ``nonfinite``, ``max_consecutive_skips``.
 
     Raises:
       ValueError, TypeError: as `AdamConfig` for invalid hyperparameters.
@@ -161,29 +195,33 @@ class Adam:
       (array([ 0.9, -1.9]), 1)
     """
 
-    lr = _config_property("lr", settable=True)
-    beta1 = _config_property("beta1", settable=True)
-    beta2 = _config_property("beta2", settable=True)
-    eps = _config_property("eps", settable=True)
-    weight_decay = _config_property("weight_decay", settable=True)
-    decoupled_weight_decay = _config_property("decoupled_weight_decay", settable=False)
-    amsgrad = _config_property("amsgrad", settable=False)
-    maximize = _config_property("maximize", settable=False)
-    nonfinite = _config_property("nonfinite", settable=False)
+    if TYPE_CHECKING:  # The config's fields, made properties below.
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(
         self,
-        lr: Any = 0.001,
+        lr: float | Schedule = 0.001,
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         **options: Any,
     ) -> None:
+        check_names("Adam", options)
+        if isinstance(lr, list | tuple | dict) or (isinstance(lr, np.ndarray) and lr.ndim > 0):
+            raise TypeError(
+                f"Adam: expected the learning rate as the first argument, got "
+                f"{type(lr).__name__} {short_repr(lr)}; the arrays (torch's params or param "
+                "groups) go to step(params, grads), and options for some arrays to "
+                "step(params, grads, config=a tree of AdamConfigs)"
+            )
         self._config = AdamConfig(lr, beta1, beta2, eps, weight_decay, **options)
         self._slots: dict[int, _Slot] = {}
         self._pending: list[_Slot] = []
         self._lock = threading.RLock()
+        self._freed_views: dict[tuple[int, ...], None] = {}
+        self._warned = False
 
     @classmethod
     def from_config(cls, config: AdamConfig) -> Adam:
@@ -200,17 +238,17 @@ class Adam:
     @property
     def m(self) -> Mapping[int, np.ndarray]:
         """First moments by ``id()`` of each stepped array (read-only copies)."""
-        return _StateView(self._slots, "m")
+        return _StateView(self._slots, "m", self._lock)
 
     @property
     def v(self) -> Mapping[int, np.ndarray]:
         """Second raw moments by ``id()`` of each stepped array (read-only copies)."""
-        return _StateView(self._slots, "v")
+        return _StateView(self._slots, "v", self._lock)
 
     @property
     def t(self) -> Mapping[int, int]:
         """Steps taken by ``id()`` of each stepped array (Python ints)."""
-        return _StateView(self._slots, "t")
+        return _StateView(self._slots, "t", self._lock)
 
     def __repr__(self) -> str:
         # The hyperparameters that differ from the defaults, then how many arrays it holds.
@@ -227,7 +265,9 @@ class Adam:
     # -----------------------------------------------------------------------------------------
     # Stepping.
 
-    def step(self, params: Any, grads: Any) -> None:
+    def step(
+        self, params: ArrayTree, grads: ArrayTree, config: AdamConfig | ConfigTree | None = None
+    ) -> None:
         """Takes one Adam step, writing the new values into ``params``.
 
         Every check runs before anything is written: whatever is raised, no array and no state
@@ -235,108 +275,101 @@ class Adam:
 
         Args:
           params: a writeable floating-point NumPy array, or a tree (nested dicts, lists, tuples,
-            namedtuples) of them. Every leaf is updated in place; each has its own state.
+            namedtuples) of them. Every leaf is updated in place; each has its own state, tied to
+            the array object: step the same arrays every time (a view made anew at each step,
+            such as ``W[:2]`` or ``W.T``, starts from zero moments each time, and a
+            ``RuntimeWarning`` says so).
           grads: gradients with the structure of ``params`` and exactly the shape of each leaf.
+          config: this step's hyperparameters for some arrays: an `AdamConfig`, or a tree of them
+            that is a prefix of ``params`` (as in `adam_update`), e.g. ``{"w": decayed, "b":
+            plain}`` to keep weight decay off the biases; the optimizer's own `config` where it
+            is None. An array's AMSGrad and moment dtype are fixed at its first step.
 
         Raises:
           TypeError: a leaf cannot be written in place (a read-only array, a Python float, ...)
             or is not floating point, or a gradient holds no real numbers.
-          ValueError: shapes or structures differ, the same array appears twice, or a restored
-            state does not fit the array that claims it.
+          ValueError: shapes or structures differ, the same array appears twice or arrays share
+            memory, or a restored state does not fit the array that claims it.
           FloatingPointError: a gradient is not finite and ``nonfinite="raise"``.
         """
-        p_leaves, treedef = _tree.flatten(params, "params", leaf="a writeable NumPy array")
-        paths = LeafPaths(treedef, "params")
-        check_params(p_leaves, paths)
-        for index, p in enumerate(p_leaves):
-            if not p.flags.writeable:
-                raise TypeError(
-                    f"{paths[index]}: expected a writeable array to update in place, "
-                    "got a read-only array"
-                )
-        owners = _owners(p_leaves, paths)
-        g_leaves = _tree.flatten_like(grads, treedef, "grads")
-        g_paths = LeafPaths(treedef, "grads")
-        grads_arrays = [
-            as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, p_leaves))
-        ]
-        for index, g in enumerate(grads_arrays):
-            for other in owners.get(_owner(g), ()):
-                if np.may_share_memory(g, p_leaves[other]):
-                    # The kernel writes the parameters leaf by leaf and block by block; a
-                    # gradient sharing their memory would be read after it was overwritten.
-                    grads_arrays[index] = np.array(g, copy=True)
-                    break
-        config = self._config
-        bad = None if config.nonfinite == "propagate" else find_bad_gradient(grads_arrays, p_leaves)
+        leaves, treedef = _tree.flatten(params, "params", leaf="a writeable NumPy array")
+        configs = configs_for(self._config if config is None else config, treedef)
+        if config is not None:
+            self._check_fixed(configs, treedef)
         # One step at a time per optimizer: steps from several threads must not claim the same
-        # restored state, nor register the same array twice.
+        # restored state, nor register the same array twice, and snapshots see whole steps.
         with self._lock:
-            slots, fresh = self._slots_for(p_leaves, paths)
-            if bad is not None:
-                index, problem = bad
-                streak = max(slot.consecutive_skips for slot in slots) + 1
-                if not may_skip(config, streak):
-                    raise nonfinite_error(problem, g_paths[index], config, streak)
-                for slot in slots:
+            slots, claimed = self._slots_for(leaves)
+            states = [
+                None if slot is None else slot.leaf_state(origin)
+                for slot, origin in zip(slots, self._origins(slots, claimed))
+            ]
+            step = prepare_step(leaves, treedef, grads, states, configs, in_place=True)
+            owned = [
+                _Slot.zeros_like(p, dtype, c.amsgrad, step.xp) if slot is None else slot
+                for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
+            ]
+            if step.coefficients is None:
+                for slot in owned:
                     slot.skipped += 1
                     slot.consecutive_skips += 1
-                self._register(p_leaves, slots, fresh)
-                return
+            else:
+                fields = [slot.leaf_state("") for slot in owned]
+                if step.xp is None:
+                    outputs = [(p, s.m, s.v, s.v_max) for p, s in zip(step.params, owned)]
+                    run(step, fields, outputs)
+                else:
+                    _write_back(step.params, owned, run_array_api(step, fields))
+                for slot in owned:
+                    slot.t += 1
+                    slot.consecutive_skips = 0
+            self._register(leaves, owned, claimed)
 
-            # Schedules and the environment are read (and may raise) before anything is written.
-            by_t: dict[int, _kernels.Coefficients] = {}
-            for slot in slots:
-                if slot.t + 1 not in by_t:
-                    by_t[slot.t + 1] = _kernels.coefficients(config, slot.t + 1)
-            kernel = _kernels.prepare()
-            # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it
-            # was asked to propagate) must not interrupt the step half-way, warning or not.
-            with np.errstate(all="ignore"):
-                for p, g, slot in zip(p_leaves, grads_arrays, slots):
-                    m, v, v_max = slot.m, slot.v, slot.v_max
-                    kernel(p, g, m, v, v_max, by_t[slot.t + 1], p, m, v, v_max)
-            for slot in slots:
-                slot.t += 1
-                slot.consecutive_skips = 0
-            self._register(p_leaves, slots, fresh)
+    def _check_fixed(self, configs: list[AdamConfig], treedef: Any) -> None:
+        """Refuses a step config that changes what this optimizer's states hold."""
+        for index, config in enumerate(configs):
+            for name in sorted(_FIXED):
+                ours, theirs = getattr(self._config, name), getattr(config, name)
+                if ours != theirs:
+                    path = _tree.LeafPaths(treedef, "config")[index]
+                    raise ValueError(
+                        f"{path}: expected {name}={ours!r} like the optimizer, got {theirs!r}; "
+                        f"{name} decides what a state holds and is fixed at construction: "
+                        f"Adam({name}=...)"
+                    )
 
-    def _live_slot(self, p: np.ndarray) -> _Slot | None:
+    def _live_slot(self, p: Any) -> _Slot | None:
         slot = self._slots.get(id(p))
         if slot is not None and slot.ref is not None and slot.ref() is p:
             return slot
         return None
 
-    def _slots_for(self, leaves: list[np.ndarray], paths: LeafPaths) -> tuple[list[_Slot], int]:
-        """Finds or makes each leaf's slot without registering the new ones yet.
+    def _slots_for(self, leaves: list[np.ndarray]) -> tuple[list[_Slot | None], int]:
+        """Each leaf's slot: its own, else the next restored one waiting, else None (new).
 
-        Returns the slots and how many pending (restored) slots the new leaves claim.
+        Returns the slots and how many waiting (restored) slots the new leaves claim.
         """
-        amsgrad = self._config.amsgrad
-        slots = []
+        slots: list[_Slot | None] = []
         claimed = 0
-        for index, p in enumerate(leaves):
+        for p in leaves:
             slot = self._live_slot(p)
-            if slot is None:
-                if claimed < len(self._pending):
-                    slot = self._pending[claimed]
-                    claimed += 1
-                    if not slot.fits(p):
-                        raise ValueError(
-                            f"{paths[index]}: expected dtype {slot.m.dtype} and shape "
-                            f"{slot.m.shape} for the restored state it takes (states are matched "
-                            f"to arrays in the order they were first stepped), got dtype "
-                            f"{p.dtype} and shape {p.shape}"
-                        )
-                else:
-                    slot = _Slot.zeros_like(p, amsgrad)
-            elif not slot.fits(p):
-                raise ValueError(
-                    f"{paths[index]}: expected dtype {slot.m.dtype} and shape {slot.m.shape} as "
-                    f"at its first step, got dtype {p.dtype} and shape {p.shape}"
-                )
+            if slot is None and claimed < len(self._pending):
+                slot = self._pending[claimed]
+                claimed += 1
             slots.append(slot)
         return slots, claimed
+
+    def _origins(self, slots: list[_Slot | None], claimed: int) -> Iterator[str]:
+        """Where each slot's moments come from, for the error when they do not fit."""
+        pending = self._pending[:claimed]
+        for slot in slots:
+            if any(slot is other for other in pending):
+                yield (
+                    "for the restored state it takes (states are matched to arrays in the order "
+                    "they were first stepped)"
+                )
+            else:
+                yield "as at its first step"
 
     def _register(self, leaves: list[np.ndarray], slots: list[_Slot], claimed: int) -> None:
         del self._pending[:claimed]
@@ -344,16 +377,23 @@ class Adam:
             # A restored state that an array has claimed is that array's for good.
             slot.restored = False
             if slot.ref is None or slot.ref() is not p:
+                if slot.t + slot.skipped <= 1:
+                    self._notice_new_view(p)
                 self._bind(p, slot)
 
     def _bind(self, p: np.ndarray, slot: _Slot) -> None:
         owner = weakref.ref(self)
         key = id(p)
+        view = _view_key(p)
 
         def forget(_: weakref.ref[np.ndarray]) -> None:
             adam = owner()
             if adam is not None and adam._slots.get(key) is slot:
                 del adam._slots[key]
+                if view is not None:
+                    adam._freed_views[view] = None
+                    if len(adam._freed_views) > _FREED_VIEWS:
+                        del adam._freed_views[next(iter(adam._freed_views))]
                 if slot.restored:
                     slot.ref = None
                     bisect.insort(adam._pending, slot, key=lambda pending: pending.rank)
@@ -361,8 +401,22 @@ class Adam:
         slot.ref = weakref.ref(p, forget)
         self._slots[key] = slot
 
+    def _notice_new_view(self, p: np.ndarray) -> None:
+        view = _view_key(p)
+        if view is None or view not in self._freed_views or self._warned:
+            return
+        self._warned = True
+        warnings.warn(
+            "Adam.step: params is a new view of memory whose earlier view was stepped and then "
+            "freed (a view made at each step, such as W[:2] or W.T): its moments start from "
+            "zero at every step. Keep the view in a variable and step that, or step the array "
+            "itself.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
     # -----------------------------------------------------------------------------------------
-    # Snapshots, state dicts and pickling.
+    # Snapshots, state dicts and pickling. Each takes the lock, so it sees whole steps.
 
     def get_state(self, array: np.ndarray) -> AdamState:
         """Returns a snapshot of the state of ``array`` as an immutable `AdamState`.
@@ -370,78 +424,85 @@ class Adam:
         Raises:
           KeyError: ``array`` has not been stepped by this optimizer.
         """
-        slot = self._live_slot(array)
-        if slot is None:
-            raise KeyError(f"array: not stepped by this optimizer (id {id(array)})")
-        return AdamState(**slot.fields())
+        with self._lock:
+            slot = self._live_slot(array)
+            if slot is None:
+                raise KeyError(f"array: not stepped by this optimizer (id {id(array)})")
+            return slot.snapshot()
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, params: Any = None) -> dict[str, Any]:
         """Returns the optimizer's state as plain data: dicts, lists, arrays and Python scalars.
 
-        The result holds no class of this package, so it can be stored without pickle (for
-        example flattened into ``np.savez(..., allow_pickle=False)``). ``"state"`` lists one entry
-        per array, in the order the arrays were first stepped, followed by restored states that no
-        array has claimed yet. Arrays are copies.
+        The result holds no class of this package, so it can be stored without pickle (see
+        `adam_functional.state_dict` for its layout, and `adam_functional.checkpoint`).
+
+        With ``params``, a tree of arrays this optimizer has stepped (the one given to `step`),
+        the state dict holds their states under their tree paths (``"params['w']"``), and
+        ``load_state_dict(state_dict, params)`` gives each array back its own state by name:
+        the way to restore. Without it, ``"state"`` lists one entry per array in the order the
+        arrays were first stepped, followed by restored states that no array has claimed yet,
+        and loading matches them by that order. Arrays are copies.
 
         Raises:
           TypeError: the learning rate is a custom callable, which is not plain data.
+          KeyError: an array of ``params`` has not been stepped by this optimizer.
         """
-        lr = self._config.lr
-        # A field left at None is left out (np.savez cannot store None); loading restores it.
-        config = {
-            k: v for k, v in attrs.asdict(self._config, recurse=False).items() if v is not None
-        }
-        if not isinstance(lr, float):
-            try:
-                config["lr"] = schedules.to_dict(lr)
-            except TypeError as error:
-                raise TypeError(
-                    f"Adam.state_dict: the learning rate {lr!r} cannot be stored as plain data "
-                    "(only numbers and the schedules of adam_functional.schedules can); pickle "
-                    "the optimizer instead"
-                ) from error
-        entries = []
-        for slot in [*self._slots.values(), *self._pending]:
-            entry: dict[str, Any] = {
-                name: value.copy() if isinstance(value, np.ndarray) else value
-                for name, value in slot.fields().items()
-                if value is not None
-            }
-            entries.append(entry)
-        return {
-            "format": STATE_DICT_FORMAT,
-            "version": STATE_DICT_VERSION,
-            "config": config,
-            "state": entries,
-        }
+        with self._lock:
+            if params is None:
+                slots = [*self._slots.values(), *self._pending]
+                return plain_data.build(self._config, [s.snapshot() for s in slots])
+            leaves, treedef = _tree.flatten(params, "params")
+            paths = _tree.leaf_paths(treedef, "params")
+            states = []
+            for path, p in zip(paths, leaves):
+                slot = self._live_slot(p)
+                if slot is None:
+                    raise KeyError(f"{path}: not stepped by this optimizer")
+                states.append(slot.snapshot())
+            return plain_data.build(self._config, states, names=paths)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], params: Any = None) -> None:
         """Replaces the hyperparameters and states with those of ``state_dict``.
 
-        States are matched to arrays in the order the arrays were first stepped: the arrays this
-        optimizer has already stepped take the first entries, in their first-step order, and the
-        remaining entries wait for the next new arrays to be stepped, in that order. An array
-        stepped in the same order as when the state dict was made therefore gets its own state
-        back. Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``.
-        Nothing changes unless the whole dict loads.
+        With ``params`` (a tree of arrays, as given to `state_dict`), each array gets the state
+        stored under its tree path, whatever order the arrays are stepped in afterwards: the way
+        to restore. The state dict must have been made with ``params`` of the same structure.
+
+        Without ``params``, states are matched to arrays **by order**: the arrays this optimizer
+        has already stepped take the first entries, in their first-step order, and the remaining
+        entries wait for the next new arrays to be stepped, in that order. An array stepped in
+        another order than when the state dict was made gets another array's state (silently, if
+        their shapes agree).
+
+        Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``. Nothing
+        changes unless the whole dict loads.
 
         Raises:
-          ValueError: the dict is malformed, from a newer release, has fewer entries than this
-            optimizer has stepped arrays, or an entry's shape or dtype does not fit its array.
+          ValueError: the dict is malformed (a missing or unknown key, a value out of range),
+            from a newer release, has fewer entries than this optimizer has stepped arrays, an
+            entry's shape or dtype does not fit its array, or (with ``params``) names do not
+            match the tree's paths.
           TypeError: an entry holds the wrong kind of value.
         """
-        config, slots = _parse_state_dict(state_dict)
+        config, states, names = plain_data.parse(state_dict)
+        slots = [_Slot.from_state(state) for state in states]
+        for rank, slot in enumerate(slots):
+            slot.restored = True
+            slot.rank = rank
         with self._lock:
-            self._load(config, slots)
+            if params is None:
+                self._load_in_order(config, slots)
+            else:
+                self._load_by_name(config, slots, names, params)
 
-    def _load(self, config: AdamConfig, slots: list[_Slot]) -> None:
-        live = list(self._slots.items())
+    def _load_in_order(self, config: AdamConfig, slots: list[_Slot]) -> None:
+        live = list(self._slots.values())
         if len(slots) < len(live):
             raise ValueError(
                 f"state_dict['state']: expected at least {len(live)} entries, one per array this "
                 f"optimizer has stepped, got {len(slots)}"
             )
-        for position, ((_, old), new) in enumerate(zip(live, slots)):
+        for position, (old, new) in enumerate(zip(live, slots)):
             if not (new.m.shape == old.m.shape and new.m.dtype == old.m.dtype):
                 raise ValueError(
                     f"state_dict['state'][{position}]['m']: expected dtype {old.m.dtype} and "
@@ -449,26 +510,67 @@ class Adam:
                     f"{new.m.dtype} and shape {new.m.shape}"
                 )
         self._config = config
-        for (_, old), new in zip(live, slots):
-            for name, value in new.fields().items():
-                setattr(old, name, value)
+        for old, new in zip(live, slots):
+            for name in ("m", "v", "v_max", *_COUNTS):
+                setattr(old, name, getattr(new, name))
         self._pending = slots[len(live) :]
 
+    def _load_by_name(
+        self, config: AdamConfig, slots: list[_Slot], names: list[str] | None, params: Any
+    ) -> None:
+        if names is None:
+            raise ValueError(
+                "state_dict: expected 'names' to load by the paths of params, got a state dict "
+                "made without params; call load_state_dict(state_dict) to load it in order"
+            )
+        leaves, treedef = _tree.flatten(params, "params")
+        paths = _tree.leaf_paths(treedef, "params")
+        by_name = dict(zip(names, slots))
+        if sorted(paths) != sorted(names):
+            missing = [path for path in paths if path not in by_name]
+            unknown = [name for name in names if name not in set(paths)]
+            raise ValueError(
+                f"state_dict['names']: expected the paths of params {paths!r}, got {names!r} "
+                f"(missing {missing!r}, unexpected {unknown!r})"
+            )
+        for path, p in zip(paths, leaves):
+            slot = by_name[path]
+            if slot.m.shape != p.shape:
+                raise ValueError(
+                    f"{path}: expected shape {slot.m.shape} for the state stored under its name, "
+                    f"got dtype {p.dtype} and shape {p.shape}"
+                )
+        self._config = config
+        self._slots.clear()
+        self._pending = []
+        for path, p in zip(paths, leaves):
+            by_name[path].restored = False
+            self._bind(p, by_name[path])
+
     def __reduce__(self) -> tuple[Any, ...]:
-        # Each slot with its array (None for one waiting to be claimed), in first-step order.
-        slots = [
-            {"array": slot.ref() if slot.ref is not None else None, **slot.fields()}
-            for slot in [*self._slots.values(), *self._pending]
-        ]
-        return (_unpickle, (Adam, PICKLE_VERSION, {"config": self._config, "slots": slots}))
+        # Each slot with its array (None for one waiting to be claimed), in first-step order;
+        # copied under the lock, so that a step in another thread cannot tear the snapshot.
+        with self._lock:
+            slots = []
+            for slot in [*self._slots.values(), *self._pending]:
+                state = slot.snapshot()
+                fields = {name: getattr(state, name) for name in ("m", "v", "v_max", *_COUNTS)}
+                slots.append({"array": slot.ref() if slot.ref is not None else None, **fields})
+            return (unpickle, (Adam, PICKLE_VERSION, {"config": self._config, "slots": slots}))
 
     @classmethod
     def _from_pickle(cls, fields: dict[str, Any]) -> Adam:
-        adam = cls.from_config(fields["config"])
-        for rank, entry in enumerate(fields["slots"]):
-            entry = dict(entry)
-            array = entry.pop("array")
-            slot = _Slot(**entry)
+        """Rebuilds an optimizer from its pickle, checking every state as `AdamState` does."""
+        if not isinstance(fields, dict) or set(fields) != {"config", "slots"}:
+            raise ValueError("cannot unpickle Adam: expected the fields 'config' and 'slots'")
+        config, entries = fields["config"], fields["slots"]
+        if not isinstance(config, AdamConfig):
+            raise TypeError(f"cannot unpickle Adam: config is a {type(config).__name__}")
+        if not isinstance(entries, list):
+            raise TypeError(f"cannot unpickle Adam: slots is a {type(entries).__name__}")
+        adam = cls.from_config(config)
+        for rank, entry in enumerate(entries):
+            array, slot = _unpickled_slot(entry, config, f"cannot unpickle Adam: slots[{rank}]")
             slot.restored = True
             slot.rank = rank
             if array is None:
@@ -480,154 +582,61 @@ class Adam:
         return adam
 
 
-def _owner(array: np.ndarray) -> int:
-    """The id of the object that owns ``array``'s memory: arrays of two owners never overlap."""
-    owner: Any = array
-    while isinstance(owner, np.ndarray) and owner.base is not None:
-        owner = owner.base
-    return id(owner)
+for _field in attrs.fields(AdamConfig):
+    setattr(Adam, _field.name, _config_property(_field.name))
 
 
-def _owners(leaves: list[np.ndarray], paths: LeafPaths) -> dict[int, list[int]]:
-    """Groups the leaves by the owner of their memory, refusing leaves that overlap.
-
-    Raises:
-      ValueError: a leaf is the same array as another, or shares memory with one: a step would
-        update that memory twice.
-    """
-    owners: dict[int, list[int]] = {}
-    for index, leaf in enumerate(leaves):
-        group = owners.setdefault(_owner(leaf), [])
-        for other in group:
-            if leaves[other] is leaf:
-                raise ValueError(
-                    f"{paths[index]}: expected each array once, got the same array as "
-                    f"{paths[other]}"
-                )
-            if np.may_share_memory(leaf, leaves[other]) and _shares(leaf, leaves[other]):
-                raise ValueError(
-                    f"{paths[index]}: expected arrays that share no memory, got one that "
-                    f"overlaps {paths[other]}"
-                )
-        group.append(index)
-    return owners
-
-
-def _shares(a: np.ndarray, b: np.ndarray) -> bool:
+def _unpickled_slot(entry: Any, config: AdamConfig, where: str) -> tuple[Any, _Slot]:
+    """Checks one pickled slot as strictly as a state dict's entry; returns its array and slot."""
+    names = {"array", "m", "v", "v_max", *_COUNTS}
+    if not isinstance(entry, dict) or set(entry) != names:
+        raise ValueError(f"{where}: expected a dict with the keys {sorted(names)}")
     try:
-        return bool(np.shares_memory(a, b, max_work=10_000))  # type: ignore[arg-type]
-    except np.exceptions.TooHardError:  # Too intricate to tell: treat as overlapping.
-        return True
+        state = AdamState(**{name: entry[name] for name in names - {"array"}})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: {error}") from None
+    if type(state.m) is not np.ndarray:
+        raise ValueError(f"{where}: expected one array per moment, got a tree")
+    if config.amsgrad != (state.v_max is not None):
+        expected = "an array" if config.amsgrad else "None"
+        raise ValueError(f"{where}: expected v_max {expected} with amsgrad={config.amsgrad}")
+    array = entry["array"]
+    if array is not None and not (
+        isinstance(array, np.ndarray)
+        and array.shape == state.m.shape
+        and plain(array).dtype.kind == "f"
+    ):
+        raise ValueError(
+            f"{where}: expected its array to be a floating-point array of shape "
+            f"{state.m.shape}, got {_describe(array)}"
+        )
+    return array, _Slot.from_state(state)
+
+
+def _write_back(params: list[Any], slots: list[_Slot], results: list[Any]) -> None:
+    """Writes a step's new arrays of another library (torch, CuPy) into the parameters, whose
+    memory stays theirs, and hands the new moments to the slots."""
+    torch = sys.modules.get("torch")
+    quiet = torch.no_grad() if torch is not None else contextlib.nullcontext()
+    with quiet:  # Parameters that require gradients are written outside autograd.
+        for p, slot, new in zip(params, slots, results):
+            p[...] = new.p
+            slot.m, slot.v, slot.v_max = new.m, new.v, new.v_max
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"dtype {value.dtype} and shape {value.shape}"
+    return type(value).__name__
+
+
+def _view_key(p: Any) -> tuple[int, ...] | None:
+    """For a view, where its memory lies and how it is laid out; None for an array of its own
+    (and for other libraries' arrays)."""
+    if not isinstance(p, np.ndarray) or p.base is None:
+        return None
+    return (p.__array_interface__["data"][0], *p.shape, *p.strides, p.dtype.num)
 
 
 def _ordinal(position: int) -> str:
     return {0: "first", 1: "second", 2: "third"}.get(position, f"#{position + 1}")
-
-
-def _scalar(value: Any, where: str, kind: type) -> Any:
-    """Unwraps a 0-d array (as ``np.savez`` gives back) into a Python scalar of ``kind``."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    if kind is int:
-        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-    elif kind is float:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise TypeError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
-    return kind(value)
-
-
-_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize")
-_OPTIONAL_INTS = ("max_consecutive_skips",)
-
-
-def _unwrap_scalars(value: Any) -> Any:
-    """Turns the 0-d arrays that ``np.savez`` gives back into Python scalars, recursively."""
-    if isinstance(value, Mapping):
-        return {key: _unwrap_scalars(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_unwrap_scalars(item) for item in value]
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        return value.item()
-    return value
-
-
-def _parse_state_dict(state_dict: Mapping[str, Any]) -> tuple[AdamConfig, list[_Slot]]:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict: expected a dict, got {type(state_dict).__name__}")
-    for key in ("format", "version", "config", "state"):
-        if key not in state_dict:
-            raise ValueError(f"state_dict: expected the key {key!r}, got keys {list(state_dict)}")
-    fmt = _scalar(state_dict["format"], "state_dict['format']", str)
-    if fmt != STATE_DICT_FORMAT:
-        raise ValueError(f"state_dict['format']: expected {STATE_DICT_FORMAT!r}, got {fmt!r}")
-    version = _scalar(state_dict["version"], "state_dict['version']", int)
-    if not 1 <= version <= STATE_DICT_VERSION:
-        raise ValueError(
-            f"state_dict['version']: expected 1 to {STATE_DICT_VERSION}, got {version}; a newer "
-            "adam_functional wrote it"
-        )
-    raw_config = state_dict["config"]
-    if not isinstance(raw_config, Mapping):
-        raise TypeError(f"state_dict['config']: expected a dict, got {type(raw_config).__name__}")
-    fields: dict[str, Any] = {}
-    for field in attrs.fields(AdamConfig):
-        if field.name not in raw_config:
-            if field.name in _OPTIONAL_INTS:
-                fields[field.name] = None
-                continue
-            raise ValueError(f"state_dict['config']: expected the key {field.name!r}")
-        value = raw_config[field.name]
-        where = f"state_dict['config'][{field.name!r}]"
-        if field.name == "lr" and isinstance(value, Mapping):
-            value = schedules.from_dict(_unwrap_scalars(value))
-        elif field.name == "nonfinite":
-            value = _scalar(value, where, str)
-        elif field.name in _FLAGS:
-            value = _scalar(value, where, bool)
-        elif field.name in _OPTIONAL_INTS:
-            value = None if value is None else _scalar(value, where, int)
-        else:
-            value = _scalar(value, where, float)
-        fields[field.name] = value
-    config = AdamConfig(**fields)
-
-    entries = state_dict["state"]
-    if not isinstance(entries, list | tuple):
-        raise TypeError(f"state_dict['state']: expected a list, got {type(entries).__name__}")
-    slots = []
-    for position, entry in enumerate(entries):
-        where = f"state_dict['state'][{position}]"
-        if not isinstance(entry, Mapping):
-            raise TypeError(f"{where}: expected a dict, got {type(entry).__name__}")
-        names = ("m", "v", "v_max") if config.amsgrad else ("m", "v")
-        for name in (*names, *_COUNTS):
-            if name not in entry:
-                raise ValueError(f"{where}: expected the key {name!r}, got keys {list(entry)}")
-        if not config.amsgrad and "v_max" in entry:
-            raise ValueError(f"{where}: unexpected key 'v_max' with amsgrad=False")
-        arrays: list[np.ndarray] = []
-        for name in names:
-            array = entry[name]
-            if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
-                raise TypeError(
-                    f"{where}[{name!r}]: expected a floating-point array, got "
-                    f"{getattr(array, 'dtype', type(array).__name__)}"
-                )
-            if arrays and (array.shape != arrays[0].shape or array.dtype != arrays[0].dtype):
-                raise ValueError(
-                    f"{where}[{name!r}]: expected dtype {arrays[0].dtype} and shape "
-                    f"{arrays[0].shape} like 'm', got dtype {array.dtype} and shape {array.shape}"
-                )
-            arrays.append(np.array(array, copy=True, order="C"))
-        counts = {name: _scalar(entry[name], f"{where}[{name!r}]", int) for name in _COUNTS}
-        for name, count in counts.items():
-            if count < 0:
-                raise ValueError(f"{where}[{name!r}]: expected an int >= 0, got {count}")
-        slot = _Slot(arrays[0], arrays[1], arrays[2] if config.amsgrad else None, **counts)
-        slot.restored = True
-        slot.rank = position
-        slots.append(slot)
-    return config, slots

@@ -36,6 +36,8 @@ from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 import attrs
 
+from adam_functional._namespaces import is_foreign, namespace
+
 __all__ = [
     "Constant",
     "CosineDecay",
@@ -190,6 +192,11 @@ def _check_t(schedule: object, t: object) -> int:
     return step
 
 
+def _lerp_array(xp: Any, start: float, stop: float, weight: Any) -> Any:
+    """`_lerp` on a 0-d array ``weight``: exact at both ends too."""
+    return xp.where(weight == 1.0, xp.full_like(weight, stop), start + (stop - start) * weight)
+
+
 def _lerp(start: float, stop: float, weight: float) -> float:
     """``start + (stop - start) * weight`` for ``0 <= weight <= 1``, exact at both ends.
 
@@ -210,11 +217,20 @@ class _Record:
     def __call__(self, t: int) -> float:
         """Returns the rate of step ``t`` by the record's formula; see `Schedule.__call__`."""
         if type(t) is not int or t < 0:
+            if is_foreign(t) and getattr(t, "ndim", None) == 0:
+                # The step count as a 0-d integer array of another library (a traced one under
+                # jax.jit): the same formula with that library's operations, a 0-d array back.
+                xp = namespace(t, f"{type(self).__name__}(t)")
+                return self._rate_array(xp, xp.astype(t, xp.asarray(1.0).dtype))  # type: ignore[no-any-return]
             t = _check_t(self, t)
         return self._rate(t)
 
     def _rate(self, t: int) -> float:
         """The record's formula at a checked step count ``t`` (a Python int >= 0)."""
+        raise NotImplementedError
+
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        """The record's formula at a step count held in a 0-d float array of namespace ``xp``."""
         raise NotImplementedError
 
 
@@ -237,6 +253,9 @@ class Constant(_Record):
 
     def _rate(self, t: int) -> float:
         return self.value
+
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        return xp.full_like(t, self.value)
 
 
 @attrs.frozen
@@ -313,6 +332,17 @@ class ExponentialDecay(_Record):
                 return min(value, self.end_value)
         return value
 
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        steps = t / self.transition_steps
+        if self.staircase:
+            steps = xp.floor(steps)
+        value = self.init_value * xp.pow(xp.full_like(t, self.decay_rate), steps)
+        if self.end_value is not None and self.decay_rate < 1.0:
+            return xp.maximum(value, xp.full_like(t, self.end_value))
+        if self.end_value is not None and self.decay_rate > 1.0:
+            return xp.minimum(value, xp.full_like(t, self.end_value))
+        return value
+
     def _limit(self) -> float:
         """The rate as ``t`` grows without bound, before clipping at ``end_value``."""
         if self.init_value == 0.0 or self.decay_rate < 1.0:
@@ -356,6 +386,11 @@ class CosineDecay(_Record):
         weight = 0.5 * (1.0 + math.cos(math.pi * (min(t, self.decay_steps) / self.decay_steps)))
         return _lerp(self.end_value, self.init_value, weight)
 
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        steps = xp.minimum(t, xp.full_like(t, self.decay_steps)) / self.decay_steps
+        weight = 0.5 * (1.0 + xp.cos(math.pi * steps))
+        return _lerp_array(xp, self.end_value, self.init_value, weight)
+
 
 @attrs.frozen
 class LinearWarmup(_Record):
@@ -388,6 +423,10 @@ class LinearWarmup(_Record):
     def _rate(self, t: int) -> float:
         weight = min(t, self.warmup_steps) / self.warmup_steps
         return _lerp(self.init_value, self.peak_value, weight)
+
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        weight = xp.minimum(t, xp.full_like(t, self.warmup_steps)) / self.warmup_steps
+        return _lerp_array(xp, self.init_value, self.peak_value, weight)
 
 
 def _check_schedules(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -457,6 +496,14 @@ class Join(_Record):
         if index == 0:
             return float(self.schedules[0](t))
         return float(self.schedules[index](t - self.boundaries[index - 1]))
+
+    def _rate_array(self, xp: Any, t: Any) -> Any:
+        # Every segment's rate, each kept where t lies past its boundary: the last one wins.
+        count = xp.astype(t, xp.asarray(0).dtype)
+        rate = self.schedules[0](count)
+        for boundary, schedule in zip(self.boundaries, self.schedules[1:]):
+            rate = xp.where(t > boundary, schedule(count - boundary), rate)
+        return rate
 
 
 def warmup_cosine_decay(

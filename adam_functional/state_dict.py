@@ -36,15 +36,20 @@ __all__ = ["FORMAT", "VERSION", "build", "parse"]
 
 #: The ``format`` entry of a state dict.
 FORMAT = "adam_functional.Adam"
-#: The version this release writes; `parse` reads every version up to it.
-VERSION = 1
+#: The version this release writes; `parse` reads every version up to it. Version 1 (0.1) had no
+#: ``nesterov``, ``eps_root`` and ``moment_dtype``; its moments had the parameters' dtype.
+VERSION = 2
 
 _KEYS = ("format", "version", "config", "state")
 _OPTIONAL_KEYS = ("names",)
 _COUNTS = ("t", "skipped", "consecutive_skips")
-_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize")
-_OPTIONAL_INTS = ("max_consecutive_skips",)
+_FLAGS = ("decoupled_weight_decay", "amsgrad", "maximize", "nesterov")
+_OPTIONAL = ("max_consecutive_skips",)
 _CONFIG_FIELDS = tuple(field.name for field in attrs.fields(AdamConfig))
+# Fields that version 1 did not have, with the values that give its behaviour.
+_NEW_IN_2 = {"nesterov": False, "eps_root": 0.0, "moment_dtype": "params"}
+# moment_dtype is stored as a string; None (the default) as this word.
+_DEFAULT_MOMENTS = "default"
 
 
 def build(
@@ -58,6 +63,8 @@ def build(
     lr = config.lr
     # A field left at None is left out (np.savez cannot store None); parsing restores it.
     fields = {k: v for k, v in attrs.asdict(config, recurse=False).items() if v is not None}
+    moments = config.moment_dtype
+    fields["moment_dtype"] = _DEFAULT_MOMENTS if moments is None else str(moments)
     if not isinstance(lr, float):
         try:
             fields["lr"] = schedules.to_dict(lr)
@@ -101,7 +108,7 @@ def parse(state_dict: Any) -> tuple[AdamConfig, list[AdamState], list[str] | Non
             f"state_dict['version']: expected 1 to {VERSION}, got {version}; a newer "
             "adam_functional wrote it"
         )
-    config = _parse_config(state_dict["config"])
+    config = _parse_config(state_dict["config"], version)
     entries = state_dict["state"]
     if not isinstance(entries, list | tuple):
         raise TypeError(f"state_dict['state']: expected a list, got {type(entries).__name__}")
@@ -137,10 +144,21 @@ def _scalar(value: Any, where: str, kind: type) -> Any:
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise TypeError(f"{where}: expected {kind.__name__}, got {type(value).__name__}")
+        raise TypeError(
+            f"{where}: expected {kind.__name__}, got {type(value).__name__} {_show(value)}"
+        )
     if kind is float:
         return _finite_float(value, where)
     return kind(value)
+
+
+def _show(value: Any) -> str:
+    """A short repr: never a whole array, never an int of thousands of digits."""
+    if isinstance(value, np.ndarray | str | bytes | Mapping | list | tuple) or (
+        isinstance(value, int) and value.bit_length() > 64
+    ):
+        return f"of size {len(value)}" if hasattr(value, "__len__") else "(too large to show)"
+    return repr(value)
 
 
 def _finite_float(value: Any, where: str) -> float:
@@ -161,25 +179,31 @@ def _unwrap_scalars(value: Any) -> Any:
     return value
 
 
-def _parse_config(raw: Any) -> AdamConfig:
+def _parse_config(raw: Any, version: int) -> AdamConfig:
+    where = "state_dict['config']"
     if not isinstance(raw, Mapping):
-        raise TypeError(f"state_dict['config']: expected a dict, got {type(raw).__name__}")
-    required = [name for name in _CONFIG_FIELDS if name not in _OPTIONAL_INTS]
-    _check_keys(raw, required, _OPTIONAL_INTS, "state_dict['config']")
-    fields: dict[str, Any] = {}
+        raise TypeError(f"{where}: expected a dict, got {type(raw).__name__}")
+    defaults = _NEW_IN_2 if version == 1 else {}
+    required = [n for n in _CONFIG_FIELDS if n not in _OPTIONAL and n not in defaults]
+    _check_keys(raw, required, _OPTIONAL, where)
+    fields: dict[str, Any] = dict(defaults)
     for name in _CONFIG_FIELDS:
-        value = raw.get(name)
-        where = f"state_dict['config'][{name!r}]"
+        if name not in raw:
+            continue
+        value = raw[name]
+        at = f"{where}[{name!r}]"
         if name == "lr" and isinstance(value, Mapping):
             value = schedules.from_dict(_unwrap_scalars(value))
-        elif name == "nonfinite":
-            value = _scalar(value, where, str)
+        elif name in ("nonfinite", "moment_dtype"):
+            value = _scalar(value, at, str)
+            if name == "moment_dtype" and value == _DEFAULT_MOMENTS:
+                value = None
         elif name in _FLAGS:
-            value = _scalar(value, where, bool)
-        elif name in _OPTIONAL_INTS:
-            value = None if value is None else _scalar(value, where, int)
+            value = _scalar(value, at, bool)
+        elif name in _OPTIONAL:
+            value = None if value is None else _scalar(value, at, int)
         else:
-            value = _scalar(value, where, float)
+            value = _scalar(value, at, float)
         fields[name] = value
     return AdamConfig(**fields)
 
@@ -196,8 +220,7 @@ def _parse_entry(entry: Any, config: AdamConfig, where: str) -> AdamState:
         array = entry[name]
         if type(array) is not np.ndarray or array.dtype.kind != "f":
             raise TypeError(
-                f"{where}[{name!r}]: expected a floating-point NumPy array, got "
-                f"{_describe(array)}"
+                f"{where}[{name!r}]: expected a floating-point array, got {_describe(array)}"
             )
         if arrays and (array.shape != arrays[0].shape or array.dtype != arrays[0].dtype):
             raise ValueError(
@@ -214,9 +237,8 @@ def _parse_entry(entry: Any, config: AdamConfig, where: str) -> AdamState:
 
 
 def _describe(value: Any) -> str:
-    dtype = getattr(value, "dtype", None)
-    if isinstance(value, np.ndarray):
-        return f"{type(value).__name__} of dtype {dtype}"
+    if type(value) is np.ndarray:
+        return str(value.dtype)  # The dtype is what is wrong.
     return type(value).__name__
 
 

@@ -10,11 +10,13 @@ import sys
 import numpy as np
 import pytest
 
-from adam_functional import Adam, AdamConfig, _kernels, adam_init, adam_update, backend
+from adam_functional import Adam, AdamConfig, adam_init, adam_update, backend, kernels
+from adam_functional.kernels import Inputs, Outputs
+from adam_functional.kernels import numpy as reference
 
 BACKENDS = ["numpy"]
 try:
-    from adam_functional import _numba
+    from adam_functional.kernels import numba as _numba
 
     BACKENDS.append("numba")
 except ImportError:  # the optional extra is not installed
@@ -27,13 +29,18 @@ CONFIGS = [
     AdamConfig(lr=0.01, amsgrad=True),
     AdamConfig(lr=0.01, maximize=True, weight_decay=0.05),
     AdamConfig(lr=0.3, beta1=0.0, beta2=0.5, eps=0.0, amsgrad=True, maximize=True),
+    AdamConfig(lr=0.01, nesterov=True),
+    AdamConfig(lr=0.01, nesterov=True, eps_root=1e-6, amsgrad=True, weight_decay=0.1),
+    AdamConfig(lr=0.01, eps_root=1e-3, decoupled_weight_decay=True, weight_decay=0.1),
 ]
-B = _kernels.BLOCK_SIZE
+B = reference.BLOCK_SIZE
 SIZES = [0, 1, 7, B - 1, B, B + 1, 3 * B + 5]
 
 
-def _kernel(name):
-    return _kernels.adam_leaf if name == "numpy" else _numba.adam_leaf
+def _kernel(name, p, g, m):
+    """The kernel that backend ``name`` gives these dtypes (the reference's where it has none)."""
+    with kernels.use_backend(name):
+        return kernels.select(p.dtype, g.dtype, m.dtype)
 
 
 def _case(rng, n, dtype, config, t):
@@ -42,7 +49,7 @@ def _case(rng, n, dtype, config, t):
     m = (0.1 * rng.standard_normal(n)).astype(dtype)
     v = np.abs(0.1 * rng.standard_normal(n)).astype(dtype)
     v_max = (v + np.abs(rng.standard_normal(n)) * (rng.random(n) < 0.5)).astype(dtype)
-    return p, g, m, v, (v_max if config.amsgrad else None), _kernels.coefficients(config, t)
+    return p, g, m, v, (v_max if config.amsgrad else None), kernels.coefficients(config, t)
 
 
 def _fresh(p, v_max):
@@ -63,22 +70,28 @@ def _assert_same(a, b):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    "dtype", [pytest.param(np.float16, marks=pytest.mark.slow), np.float32, np.float64]
+)
 @pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
-@pytest.mark.parametrize("t", [3, 1000, 10**6])  # bias corrections < 1, then one, then both 1.0
+# Bias corrections < 1, then one, then both 1.0 (the later two with the slow tests).
+@pytest.mark.parametrize(
+    "t",
+    [3, pytest.param(1000, marks=pytest.mark.slow), pytest.param(10**6, marks=pytest.mark.slow)],
+)
 def test_backends_and_memory_policies_agree_bit_for_bit(name, dtype, config, t):
     rng = np.random.default_rng(0)
     for n in SIZES:
         p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=t)
         expected = _fresh(p, v_max)
-        _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
+        reference.adam_leaf(Inputs(p, g, m, v, v_max), c, Outputs(*expected))
         fresh = _fresh(p, v_max)
-        _kernel(name)(p, g, m, v, v_max, c, *fresh)
+        _kernel(name, p, g, m)(Inputs(p, g, m, v, v_max), c, Outputs(*fresh))
         _assert_same(expected, fresh)
         # In place (donation): outputs are the inputs.
         p2, m2, v2 = p.copy(), m.copy(), v.copy()
         vm2 = None if v_max is None else v_max.copy()
-        _kernel(name)(p2, g, m2, v2, vm2, c, p2, m2, v2, vm2)
+        _kernel(name, p, g, m)(Inputs(p2, g, m2, v2, vm2), c, Outputs(p2, m2, v2, vm2))
         _assert_same(expected, [p2, m2, v2, vm2])
 
 
@@ -92,8 +105,8 @@ def test_numba_parallel_path_agrees(dtype):
     for config in (CONFIGS[0], CONFIGS[3], CONFIGS[2]):
         p, g, m, v, v_max, c = _case(rng, n, dtype, config, t=10**6)
         expected, got = _fresh(p, v_max), _fresh(p, v_max)
-        _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
-        _numba.adam_leaf(p, g, m, v, v_max, c, *got)
+        reference.adam_leaf(Inputs(p, g, m, v, v_max), c, Outputs(*expected))
+        _numba.adam_leaf(Inputs(p, g, m, v, v_max), c, Outputs(*got))
         _assert_same(expected, got)
 
 
@@ -105,11 +118,11 @@ def test_special_values_agree(name):
             m = np.abs(values[::-1]).copy()
             v = np.abs(values).copy()
             v_max = v.copy() if config.amsgrad else None
-            c = _kernels.coefficients(config, 2)
+            c = kernels.coefficients(config, 2)
             expected, got = _fresh(p, v_max), _fresh(p, v_max)
             with np.errstate(all="ignore"):
-                _kernels.adam_leaf(p, g, m, v, v_max, c, *expected)
-                _kernel(name)(p, g, m, v, v_max, c, *got)
+                reference.adam_leaf(Inputs(p, g, m, v, v_max), c, Outputs(*expected))
+                _kernel(name, p, g, m)(Inputs(p, g, m, v, v_max), c, Outputs(*got))
             _assert_same(expected, got)
 
 

@@ -224,6 +224,7 @@ def test_plot_without_matplotlib_says_how_to_install(
     assert not path.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("without_optional")
 def test_plot_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -590,7 +590,7 @@ def test_an_invalid_state_dict_in_a_file_is_refused(tmp_path):
     )
     with raises_naming(
         target,
-        r"not a valid Adam state dict: state_dict\['version'\]: expected 1 to 1, got 99; a newer adam_functional wrote it",
+        r"not a valid Adam state dict: state_dict\['version'\]: expected 1 to 2, got 99; a newer adam_functional wrote it",
     ):
         checkpoint.load(target)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,46 @@ def test_steps_from_many_threads_claim_each_restored_state_once():
     late = np.zeros(3)
     target.step(late, np.ones(3))
     assert target.t[id(late)] == 1, "an array after the 64 starts fresh"
+
+
+@pytest.mark.slow
+def test_snapshots_taken_while_another_thread_steps_hold_whole_steps():
+    # With a constant gradient every element of m and v takes the same values, step after step:
+    # a snapshot taken half-way through a step would hold two values, or a t from another step.
+    W, g = np.zeros(1_000_000), np.ones(1_000_000)
+    opt = Adam(lr=0.01)
+    opt.step(W, g)
+    stop = threading.Event()
+    errors: list = []
+
+    def step():
+        try:
+            while not stop.is_set():
+                opt.step(W, g)
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    snapshots = []
+    thread = threading.Thread(target=step)
+    thread.start()
+    try:
+        for _ in range(5):
+            snapshots.append(opt.state_dict()["state"][0])
+            snapshots.append(pickle.loads(pickle.dumps(opt)).state_dict()["state"][0])
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    # What m[0] and v[0] are after t steps, from one element stepped alone.
+    one, alone = np.zeros(1), Adam(lr=0.01)
+    expected = {}
+    for t in range(1, max(entry["t"] for entry in snapshots) + 1):
+        alone.step(one, np.ones(1))
+        expected[t] = (alone.m[id(one)][0], alone.v[id(one)][0])
+    for entry in snapshots:
+        m, v = expected[entry["t"]]
+        assert entry["m"].min() == entry["m"].max() == m, entry["t"]
+        assert entry["v"].min() == entry["v"].max() == v, entry["t"]
 
 
 # -------------------------------------------------------------------------------------------------

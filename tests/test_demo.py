@@ -61,9 +61,11 @@ def test_default_run_replays_the_notebook_and_trains(capsys: pytest.CaptureFixtu
 
     assert "identical: True" in out
     pure, in_place = replay_rows(out)
-    # The printed digits read back to the exact floats, so == checks every bit.
+    # The printed digits read back to the exact floats, so == checks every bit: the two APIs
+    # agree bit for bit, and the notebook's own arithmetic (three divisions where the package
+    # folds the bias corrections into one) to rounding.
     np.testing.assert_array_equal(pure, in_place, strict=True)
-    np.testing.assert_array_equal(pure, np.stack(notebook_weights()), strict=True)
+    np.testing.assert_allclose(pure, np.stack(notebook_weights()), rtol=1e-14, atol=1e-16)
 
     first, last = losses(out)
     assert last < first / 10
@@ -214,6 +216,7 @@ def test_an_existing_writable_file_passes_the_check_unchanged(tmp_path: Path) ->
     assert sorted(tmp_path.iterdir()) == [file]
 
 
+@pytest.mark.slow
 def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     file = tmp_path / "trajectories.png"
@@ -297,6 +300,7 @@ def test_demo_page_lists_every_option_and_default() -> None:
             assert f"default: {action.default}" in row, row
 
 
+@pytest.mark.slow
 def test_demo_page_shows_what_the_demo_prints(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

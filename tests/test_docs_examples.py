@@ -38,10 +38,21 @@ _FENCE_OPEN = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$
 _PYTHON_INFO = re.compile(r"^(?:python|py)(?:[ \t]|$)")
 
 
+# Pages whose examples import JAX, PyTorch or dask: seconds each, so they run with the slow tests.
+_HEAVY_PAGES = {"jax.md", "pytorch.md", "scaling-out.md"}
+
+
 def _pages() -> list[Path]:
     pages = [ROOT / "README.md"] if (ROOT / "README.md").is_file() else []
     pages += sorted((ROOT / "docs").glob("*.md"))
     return pages
+
+
+def _page_params() -> list[Any]:
+    return [
+        pytest.param(page, marks=pytest.mark.slow) if page.name in _HEAVY_PAGES else page
+        for page in _pages()
+    ]
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:
@@ -76,12 +87,20 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     return blocks
 
 
-@pytest.mark.parametrize("page", _pages(), ids=lambda page: page.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("page", _page_params(), ids=lambda page: page.relative_to(ROOT).as_posix())
 def test_examples_run(page: Path) -> None:
-    """Runs the Python blocks of one page in order, in one namespace."""
+    """Runs the Python blocks of one page in order, in one namespace.
+
+    A page whose examples need optional libraries says so in a comment, ``<!-- requires: jax
+    array_api_compat -->``; where one is missing, the page is skipped.
+    """
     relative = page.relative_to(ROOT).as_posix()
+    text = page.read_text(encoding="utf-8")
+    for needed in re.findall(r"<!-- requires: ([\w .]+) -->", text):
+        for module in needed.split():
+            pytest.importorskip(module, reason=f"{relative}'s examples need {module}")
     namespace: dict[str, object] = {"__name__": f"docs_example_{page.stem}"}
-    for first_line, code in python_blocks(page.read_text(encoding="utf-8")):
+    for first_line, code in python_blocks(text):
         # Pad with blank lines so that tracebacks give the line number in the markdown file.
         source = "\n" * (first_line - 1) + code
         exec(compile(source, relative, "exec"), namespace)
@@ -188,6 +207,7 @@ def _prose(page_html: str) -> str:
     return re.sub(r"<(pre|code|script|style)\b.*?</\1>", "", page_html, flags=re.DOTALL)
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(site: Path) -> None:
     """``mkdocs build --strict`` succeeds: no broken link, no unresolved API reference."""
     assert (site / "index.html").is_file()
@@ -195,6 +215,7 @@ def test_mkdocs_build_strict(site: Path) -> None:
     assert not (site / "hooks").exists()  # the build's own code is not published
 
 
+@pytest.mark.slow
 def test_formulas_are_typeset_to_mathml_with_no_script(site: Path) -> None:
     """Every formula is MathML in the built HTML: nothing is left for a script from the network."""
     algorithm = _page(site, "algorithm")
@@ -209,6 +230,7 @@ def test_formulas_are_typeset_to_mathml_with_no_script(site: Path) -> None:
         assert not re.search(r"<script[^>]+src=\"https?:", page.read_text(encoding="utf-8")), where
 
 
+@pytest.mark.slow
 def test_long_signatures_are_wrapped_to_fit_the_page(site: Path) -> None:
     """mkdocstrings formats the signatures (with Ruff) to ``line_length`` from mkdocs.yml."""
     api = _page(site, "api")
@@ -223,6 +245,7 @@ def test_long_signatures_are_wrapped_to_fit_the_page(site: Path) -> None:
     assert "adam_update(\n    params: " in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_demo_page_shows_the_figure(site: Path) -> None:
     demo = _page(site, "demo")
     assert '<img alt="' in demo and 'src="../rosenbrock.png"' in demo

@@ -92,8 +92,10 @@ def _work(dtype):
 
 
 def _reference(p, g, m, v, v_max, t, config):
-    """Returns the new (p, m, v, v_max) of one step, in the parameter's dtype."""
-    dtype, work = p.dtype, _work(p.dtype)
+    """Returns the new (p, m, v, v_max) of one step: p in the parameter's dtype, the moments in
+    theirs (float32 for float16 parameters)."""
+    dtype, moments = p.dtype, np.asarray(m).dtype
+    work = _work(np.promote_types(dtype, moments))
     with np.errstate(all="ignore"):
         P = np.array(p, dtype=work, order="C")
         G = np.array(np.asarray(g), dtype=work, order="C")
@@ -113,16 +115,18 @@ def _reference(p, g, m, v, v_max, t, config):
         if config.amsgrad:
             VM = np.maximum(np.array(v_max, dtype=work), V)
             second = VM
-        step = ((M / (1.0 - config.beta1**t)) * lr) / (
-            np.sqrt(second / (1.0 - config.beta2**t)) + config.eps
-        )
+        # The bias corrections folded into per-step scalars (docs/algorithm.md): with
+        # s = sqrt(1 - beta2**t), lr * m_hat / (sqrt(v_hat) + eps) = (lr * s / bc1) * m /
+        # (sqrt(v) + eps * s).
+        s = (1.0 - config.beta2**t) ** 0.5
+        step = (M * (lr * s / (1.0 - config.beta1**t))) / (np.sqrt(second) + config.eps * s)
         P = P - step
         # Operations on 0-d arrays give NumPy scalars: asarray keeps the dtype's byte order.
         return (
             np.asarray(P).astype(dtype),
-            np.asarray(M).astype(dtype),
-            np.asarray(V).astype(dtype),
-            None if VM is None else np.asarray(VM).astype(dtype),
+            np.asarray(M).astype(moments),
+            np.asarray(V).astype(moments),
+            None if VM is None else np.asarray(VM).astype(moments),
         )
 
 
@@ -148,14 +152,19 @@ def _gradient_is_bad(g):
     return array.dtype.kind == "f" and not bool(np.all(np.isfinite(array)))
 
 
-def _gradient_is_huge(g, p):
-    """A finite value whose square overflows, in the gradient's or the parameter's work dtype:
-    the package may refuse it as it refuses non-finite values, or step with it."""
+def _gradient_is_huge(g, p, config):
+    """A finite value whose square overflows, in the gradient's or the parameter's work dtype,
+    also after L2 decay (g + weight_decay * p, for finite p): the package may refuse it as it
+    refuses non-finite values, or step with it."""
     array = np.asarray(g)
     if array.dtype.kind not in "fiu" or array.size == 0:
         return False
     with np.errstate(all="ignore"):
         big = np.abs(array.astype(np.longdouble))
+        if config.weight_decay > 0 and not config.decoupled_weight_decay:
+            decayed = np.asarray(p, dtype=np.longdouble)
+            decayed = np.where(np.isfinite(decayed), decayed, 0) * config.weight_decay
+            big = np.maximum(big, np.abs(array.astype(np.longdouble) + decayed))
         limits = [
             np.sqrt(np.finfo(_work(dtype)).max)
             for dtype in (p.dtype, array.dtype)
@@ -408,7 +417,7 @@ def _map(function, tree):
 def _moment_of(p):
     """A C-contiguous float array shaped like ``p``, for a state (float64 for invalid leaves)."""
     if isinstance(p, np.ndarray) and p.dtype.kind == "f":
-        return np.zeros(p.shape, p.dtype)
+        return np.zeros(p.shape, AdamConfig().moments_dtype(p.dtype))
     return np.zeros(np.shape(p))
 
 
@@ -475,7 +484,7 @@ def _check_refusal(error, problems, config, grads, params):
     if isinstance(error, FloatingPointError):
         assert config.nonfinite != "propagate", message
         assert any(
-            _gradient_is_bad(g) or _gradient_is_huge(g, p)
+            _gradient_is_bad(g) or _gradient_is_huge(g, p, config)
             for g, p in zip(_leaves_like(grads, params), _leaves(params))
             if isinstance(p, np.ndarray)
         ), message
@@ -509,7 +518,7 @@ def test_adam_update_is_right_or_refuses_cleanly(case):
     if new_state.t == state.t:
         # A skipped step: only with the skip policy, for bad gradients, within the bound.
         assert config.nonfinite == "skip"
-        assert bad or any(_gradient_is_huge(g, p) for g, p in zip(g_leaves, p_leaves))
+        assert bad or any(_gradient_is_huge(g, p, config) for g, p in zip(g_leaves, p_leaves))
         assert new_state.skipped == state.skipped + 1
         assert new_state.consecutive_skips == state.consecutive_skips + 1
         bound = config.max_consecutive_skips
@@ -590,7 +599,7 @@ def test_adam_step_is_right_or_refuses_cleanly(case, seed):
     old_t = [0 if state is None else state.t for state in states]
     if all(state.t == t for state, t in zip(after, old_t)):
         assert config.nonfinite == "skip" and p_leaves
-        assert bad or any(_gradient_is_huge(g, p) for g, p in zip(grad_copies, copies))
+        assert bad or any(_gradient_is_huge(g, p, config) for g, p in zip(grad_copies, copies))
         for p, copy in zip(p_leaves, copies):
             assert _same(p, copy)
         return
@@ -598,7 +607,7 @@ def test_adam_step_is_right_or_refuses_cleanly(case, seed):
     for p, g, copy, state, new in zip(p_leaves, grad_copies, copies, states, after):
         assert np.shape(g) == p.shape, "a gradient of another shape was broadcast"
         if state is None:
-            zeros = np.zeros(p.shape, p.dtype)
+            zeros = np.zeros(p.shape, config.moments_dtype(p.dtype))
             state = AdamState(m=zeros, v=zeros, t=0, v_max=zeros if config.amsgrad else None)
         expected = _reference(copy, g, state.m, state.v, state.v_max, state.t + 1, config)
         assert new.t == state.t + 1

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tracemalloc
 
 import numpy as np
 import pytest
 
-from adam_functional import Adam, AdamConfig, adam_init, adam_update
+from adam_functional import Adam, AdamConfig, adam_init, adam_update, kernels
 
 MiB = 1 << 20
 N = 1_000_000
+BACKENDS = [name for name in kernels.BACKENDS if importlib.util.find_spec(name) is not None]
+
+
+@pytest.fixture(params=BACKENDS, autouse=True)
+def backend(request):
+    """Each installed backend in turn: the NumPy one allocates its blocks' temporaries."""
+    with kernels.use_backend(request.param):
+        yield request.param
 
 
 def _peak(function):

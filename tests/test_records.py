@@ -127,7 +127,7 @@ class _FromTheFuture:
         self.cls, self.fields = cls, fields
 
     def __reduce__(self):
-        return (_records._unpickle, (self.cls, _records.PICKLE_VERSION + 1, self.fields))
+        return (_records.unpickle, (self.cls, _records.PICKLE_VERSION + 1, self.fields))
 
 
 @pytest.mark.parametrize(
@@ -149,7 +149,7 @@ def test_unpickling_a_newer_version_is_refused(cls, fields):
 
 def test_unpickling_an_older_version_loads():
     fields = attrs.asdict(AdamConfig(lr=0.5), recurse=False)
-    assert _records._unpickle(AdamConfig, 0, fields) == AdamConfig(lr=0.5)
+    assert _records.unpickle(AdamConfig, 0, fields) == AdamConfig(lr=0.5)
 
 
 # --------------------------------------------------------------------------------------------------

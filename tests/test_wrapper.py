@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import importlib.util
 import io
 import pickle
+import warnings
 from collections import namedtuple
 
+import attrs
 import numpy as np
 import pytest
+from _util import wrapper_snapshot
 
-from adam_functional import Adam, AdamConfig, AdamState, adam_init, adam_update, schedules
+from adam_functional import Adam, AdamConfig, AdamState, adam_init, adam_update, kernels, schedules
 
 Layer = namedtuple("Layer", ["w", "b"])
 
@@ -21,6 +26,14 @@ OPTIONS = [
     {"amsgrad": True},
     {"maximize": True, "weight_decay": 0.05},
     {"lr": schedules.warmup_cosine_decay(0.1, 3, 10)},
+]
+
+
+#: The backends installed here.
+INSTALLED = [
+    name
+    for name, (_, extra) in kernels.BACKENDS.items()
+    if extra is None or importlib.util.find_spec(extra) is not None
 ]
 
 
@@ -88,6 +101,7 @@ def test_mappings_are_keyed_by_id_and_read_only():
     np.testing.assert_allclose(m, 0.05)
 
 
+@pytest.mark.slow
 def test_a_new_array_never_inherits_a_freed_arrays_state():
     opt = Adam(lr=0.1)
     for _ in range(6):
@@ -122,6 +136,42 @@ def test_a_stale_entry_under_a_reused_id_is_never_used():
     np.testing.assert_allclose(opt.m[id(b)], 0.1)
 
 
+def _step_a_new_view_each_time(opt, W, steps):
+    """Steps ``W[:2]``, a new view at each call, ``steps`` times."""
+    for _ in range(steps):
+        opt.step(W[:2], np.ones((2, W.shape[1])))
+
+
+def test_a_view_made_anew_at_every_step_warns_once_per_optimizer():
+    # Each W[:2] is a new array: its state starts from zero moments at every step.
+    W = np.ones((4, 3))
+    message = (
+        r"^Adam.step: params is a new view of memory whose earlier view was stepped and then "
+        r"freed \(a view made at each step, such as W\[:2\] or W.T\): its moments start from "
+        r"zero at every step"
+    )
+    opt = Adam(lr=0.1)
+    with pytest.warns(RuntimeWarning, match=message) as record:
+        _step_a_new_view_each_time(opt, W, 5)
+    assert len(record) == 1, [str(warning.message) for warning in record]
+    with pytest.warns(RuntimeWarning, match=message):
+        _step_a_new_view_each_time(Adam(lr=0.1), W, 2)
+
+
+def test_stepping_the_same_array_or_the_same_view_never_warns():
+    W = np.ones((4, 3))
+    view = W[2:]
+    opt = Adam(lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            opt.step(view, np.ones((2, 3)))
+        other = Adam(lr=0.1)
+        for _ in range(5):
+            other.step(W, np.ones((4, 3)))
+    assert opt.t[id(view)] == 5 and other.t[id(W)] == 5
+
+
 def test_assigned_hyperparameters_apply_to_later_steps():
     rng = np.random.default_rng(1)
     W = rng.standard_normal(4)
@@ -137,6 +187,27 @@ def test_assigned_hyperparameters_apply_to_later_steps():
         P, state = adam_update(P, g, state, config)
     np.testing.assert_array_equal(W, P)
     assert opt.config == config and opt.lr == 0.1
+
+
+def test_every_config_field_is_an_attribute_with_the_configs_value():
+    assert Adam(max_consecutive_skips=3).max_consecutive_skips == 3
+    config = AdamConfig(
+        lr=0.2,
+        beta1=0.8,
+        beta2=0.99,
+        eps=1e-6,
+        weight_decay=0.01,
+        decoupled_weight_decay=True,
+        amsgrad=True,
+        maximize=True,
+        nonfinite="skip",
+        max_consecutive_skips=4,
+    )
+    opt = Adam.from_config(config)
+    for field in attrs.fields(AdamConfig):
+        assert getattr(opt, field.name) == getattr(config, field.name), field.name
+    opt.max_consecutive_skips = 5
+    assert opt.config == attrs.evolve(config, max_consecutive_skips=5)
 
 
 def test_gradients_that_alias_the_parameters_give_the_copied_result():
@@ -197,6 +268,68 @@ def test_nonfinite_policies_in_place():
     P = np.ones(3)
     Adam(lr=0.1, nonfinite="propagate").step(P, np.array([1.0, np.nan, np.inf]))
     assert P[0] == pytest.approx(0.9) and np.isnan(P[1]) and np.isnan(P[2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Subclasses of ndarray: the step sees their memory as a plain array.
+
+
+@pytest.fixture(params=INSTALLED)
+def backend(request):
+    """Each installed backend in turn, made the active one."""
+    with kernels.use_backend(request.param):
+        yield request.param
+
+
+def _one_hot(shape, index):
+    g = np.zeros(shape)
+    g[index] = 1.0
+    return g
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_matrix_is_stepped_element_by_element(backend):
+    # np.matrix keeps two dimensions through reshape(-1) and multiplies as matrices: a step
+    # that used its methods would move every element, or none, or fail to broadcast.
+    g = _one_hot((100, 100), (3, 4))
+    config = AdamConfig(lr=0.1)
+    plain = np.ones((100, 100))
+    expected, expected_state = adam_update(plain, g, adam_init(plain), config)
+    W = np.matrix(np.ones((100, 100)))
+    Adam.from_config(config).step(W, g)
+    assert type(W) is np.matrix and np.count_nonzero(np.asarray(W) != 1.0) == 1
+    assert np.asarray(W).tobytes() == expected.tobytes()
+    W = np.matrix(np.ones((100, 100)))
+    new, state = adam_update(W, g, adam_init(W), config)
+    assert np.asarray(new).tobytes() == expected.tobytes() and state == expected_state
+    assert (np.asarray(W) == 1.0).all(), "the pure update leaves its input as it was"
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_a_matrix_gradient_is_read_as_its_values(backend):
+    params, g = np.ones((10, 10)), np.matrix(_one_hot((10, 10), (2, 7)))
+    config = AdamConfig(lr=0.1)
+    expected, _ = adam_update(params, np.asarray(g), adam_init(params), config)
+    new, _ = adam_update(params, g, adam_init(params), config)
+    assert new.tobytes() == expected.tobytes()
+    in_place = np.ones((10, 10))
+    Adam.from_config(config).step(in_place, g)
+    assert in_place.tobytes() == expected.tobytes()
+
+
+def test_masked_arrays_and_memmaps_are_updated_in_place(backend, tmp_path):
+    config = AdamConfig(lr=0.1)
+    g = np.array([0.5, -1.0, 2.0, 0.0])
+    expected, _ = adam_update(np.ones(4), g, adam_init(np.ones(4)), config)
+    # The step writes the data under the mask too: it updates memory, as it does any array's.
+    masked = np.ma.array(np.ones(4), mask=[False, True, False, False])
+    mapped = np.memmap(tmp_path / "W.dat", dtype=np.float64, mode="w+", shape=(4,))
+    mapped[:] = 1.0
+    Adam.from_config(config).step([masked, mapped], [g, g])
+    assert type(masked) is np.ma.MaskedArray and masked.mask.tolist() == [0, 1, 0, 0]
+    assert masked.data.tobytes() == expected.tobytes()
+    mapped.flush()
+    assert np.fromfile(tmp_path / "W.dat").tobytes() == expected.tobytes()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,9 +540,9 @@ def test_load_state_dict_errors_change_nothing():
             r"state_dict\['state'\]\[0\]\['t'\]: expected int, got float 1.5",
         ),
         (
-            {**good, "version": 2},
+            {**good, "version": 3},
             ValueError,
-            r"state_dict\['version'\]: expected 1 to 1, got 2; a newer",
+            r"state_dict\['version'\]: expected 1 to 2, got 3; a newer",
         ),
         (
             {**good, "format": "torch"},
@@ -499,3 +632,86 @@ def test_the_optimizer_pickles_to_a_stream_without_its_arrays_staying_alive():
     pickle.dump(opt, buffer)
     restored = pickle.loads(buffer.getvalue())
     assert len(restored._pending) == 1
+
+
+def _two_layers(rng):
+    """Two arrays of the same shape: restored in order, each could take the other's state."""
+    return {"w": rng.standard_normal(3), "b": rng.standard_normal(3)}
+
+
+def test_a_state_dict_with_params_restores_each_array_by_its_path():
+    rng = np.random.default_rng(7)
+    params = _two_layers(rng)
+    opt = Adam(lr=0.1, amsgrad=True)
+    for _ in range(3):
+        opt.step(params, _two_layers(rng))
+    state_dict = opt.state_dict(params)
+    assert state_dict["names"] == ["params['w']", "params['b']"]
+    assert [entry["t"] for entry in state_dict["state"]] == [3, 3]
+    restored_params = copy.deepcopy(params)
+    restored = Adam()
+    restored.load_state_dict(state_dict, restored_params)
+    assert restored.config == opt.config
+    # Stepped one by one, "b" first: matching by order would give "b" the state of "w".
+    for _ in range(2):
+        gw, gb = rng.standard_normal(3), rng.standard_normal(3)
+        restored.step(restored_params["b"], gb)
+        restored.step(restored_params["w"], gw)
+        opt.step(params["w"], gw)
+        opt.step(params["b"], gb)
+    for name in params:
+        assert restored_params[name].tobytes() == params[name].tobytes(), name
+        assert restored.get_state(restored_params[name]) == opt.get_state(params[name]), name
+
+
+def test_loading_by_path_refuses_a_state_dict_that_does_not_fit_the_tree():
+    rng = np.random.default_rng(8)
+    params = _two_layers(rng)
+    source = Adam(lr=0.1)
+    source.step(params, _two_layers(rng))
+    by_name = source.state_dict(params)
+    cases = [
+        (
+            source.state_dict(),
+            params,
+            r"^state_dict: expected 'names' to load by the paths of params, got a state dict made "
+            r"without params; call load_state_dict\(state_dict\) to load it in order$",
+        ),
+        (
+            by_name,
+            {"w": np.ones(3), "c": np.ones(3)},
+            r"^state_dict\['names'\]: expected the paths of params \[\"params\['w'\]\", "
+            r"\"params\['c'\]\"\], got \[\"params\['w'\]\", \"params\['b'\]\"\] \(missing "
+            r"\[\"params\['c'\]\"\], unexpected \[\"params\['b'\]\"\]\)$",
+        ),
+        (
+            by_name,
+            {"w": np.ones(3)},
+            r"^state_dict\['names'\]: expected the paths of params \[\"params\['w'\]\"\], got "
+            r".* \(missing \[\], unexpected \[\"params\['b'\]\"\]\)$",
+        ),
+        (
+            by_name,
+            {"w": np.ones(3), "b": np.ones(4)},
+            r"^params\['b'\]: expected shape \(3,\) for the state stored under "
+            r"its name, got dtype float64 and shape \(4,\)$",
+        ),
+        (
+            {**by_name, "names": ["params['w']"]},
+            params,
+            r"^state_dict\['names'\]: expected 2 names, one per entry of 'state', got 1$",
+        ),
+        (
+            {**by_name, "names": ["params['w']", "params['w']"]},
+            params,
+            r"^state_dict\['names'\]: expected distinct names, got \"params\['w'\]\" twice$",
+        ),
+    ]
+    W = np.ones(3)
+    opt = Adam(lr=0.3)
+    opt.step(W, np.ones(3))
+    for state_dict, target, message in cases:
+        before = wrapper_snapshot(opt)
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(state_dict, target)
+        assert wrapper_snapshot(opt) == before

@@ -7,6 +7,10 @@
 - ``torch-foreach`` / ``torch-fused``: ``torch.optim.Adam`` on CPU with ``foreach=True`` /
   ``fused=True``, stepped under ``torch.no_grad()``, the tree's arrays as one parameter list (when
   torch is installed).
+- ``Adam.step-torch``: this package's in-place wrapper on the same torch tensors (through the
+  array API; when torch and array-api-compat are installed).
+- ``adam_update-jax``: this package's pure update on JAX arrays under ``jax.jit``, the state an
+  argument (when jax and array-api-compat are installed).
 - ``optax-jit`` / ``optax-jit-donate``: ``optax.adam`` plus ``optax.apply_updates`` under
   ``jax.jit``, without and with donation of the parameters and state (``donate_argnums``), float64
   through ``jax_enable_x64`` (when jax and optax are installed). Every step is blocked on with
@@ -49,11 +53,13 @@ IMPLEMENTATIONS = (
     "Adam.step",
     "torch-foreach",
     "torch-fused",
+    "Adam.step-torch",
     "optax-jit",
     "optax-jit-donate",
+    "adam_update-jax",
 )
-_TORCH_IMPLEMENTATIONS = ("torch-foreach", "torch-fused")
-_JAX_IMPLEMENTATIONS = ("optax-jit", "optax-jit-donate")
+_TORCH_IMPLEMENTATIONS = ("torch-foreach", "torch-fused", "Adam.step-torch")
+_JAX_IMPLEMENTATIONS = ("optax-jit", "optax-jit-donate", "adam_update-jax")
 
 
 class Unsupported(Exception):
@@ -156,6 +162,44 @@ class _OptaxRunner(Runner):
         self.jax.block_until_ready((self.params, self.state))
 
 
+class _TorchWrapperRunner(Runner):
+    memory_unseen = "tracemalloc cannot see torch's allocator"
+
+    def __init__(self, torch: ModuleType, params: Any, grads: Any) -> None:
+        self.torch = torch
+        self.params = [torch.from_numpy(p.copy()) for p in leaves(params)]
+        self.grads = [torch.from_numpy(g.copy()) for g in leaves(grads)]
+        self.opt = Adam()
+        try:
+            self.opt.step(self.params, self.grads)  # Fails early without array-api-compat.
+        except TypeError as exc:
+            raise Unsupported(str(exc)) from exc
+
+    def step(self) -> None:
+        self.opt.step(self.params, self.grads)
+
+
+class _JaxPureRunner(Runner):
+    memory_unseen = "tracemalloc cannot see XLA's allocator"
+
+    def __init__(self, jax: ModuleType, params: Any, grads: Any) -> None:
+        self.jax = jax
+        self.params = tree_map(jax.numpy.array, params)
+        self.grads = tree_map(jax.numpy.array, grads)
+        if leaves(self.params)[0].dtype != leaves(params)[0].dtype:
+            raise Unsupported(f"jax made {leaves(self.params)[0].dtype} arrays")
+        config = AdamConfig(nonfinite="skip")  # "raise" cannot raise inside jax.jit.
+        try:
+            self.state = adam_init(self.params, config)
+        except TypeError as exc:
+            raise Unsupported(str(exc)) from exc
+        self.fn = jax.jit(lambda p, g, s: adam_update(p, g, s, config))
+
+    def step(self) -> None:
+        self.params, self.state = self.fn(self.params, self.grads, self.state)
+        self.jax.block_until_ready((self.params, self.state))
+
+
 @attrs.define
 class Libraries:
     """The optional libraries a run imported, and what it could not."""
@@ -190,14 +234,17 @@ def load_libraries(names: Sequence[str]) -> Libraries:
         libs.torch = _import("torch")
         if libs.torch is None:
             libs.missing.append("torch")
-            libs.notes.append("torch is not installed: skipping torch-foreach, torch-fused")
+            libs.notes.append(
+                "torch is not installed: skipping torch-foreach, torch-fused, Adam.step-torch"
+            )
     if any(n in _JAX_IMPLEMENTATIONS for n in names):
         jax, optax = _import("jax"), _import("optax")
         if jax is None or optax is None:
             missing = [m for m, mod in (("jax", jax), ("optax", optax)) if mod is None]
             libs.missing += missing
             libs.notes.append(
-                f"{' and '.join(missing)} not installed: skipping optax-jit, optax-jit-donate"
+                f"{' and '.join(missing)} not installed: skipping optax-jit, optax-jit-donate, "
+                "adam_update-jax"
             )
         else:
             libs.jax, libs.optax = jax, optax
@@ -212,6 +259,12 @@ def make_runner(name: str, libs: Libraries, params: Any, grads: Any) -> Runner:
         return _PureRunner(params, grads)
     if name == "Adam.step":
         return _WrapperRunner(params, grads)
+    if name == "Adam.step-torch":
+        assert libs.torch is not None
+        return _TorchWrapperRunner(libs.torch, params, grads)
+    if name == "adam_update-jax":
+        assert libs.jax is not None
+        return _JaxPureRunner(libs.jax, params, grads)
     if name in _TORCH_IMPLEMENTATIONS:
         assert libs.torch is not None
         return _TorchRunner(libs.torch, params, grads, fused=name == "torch-fused")

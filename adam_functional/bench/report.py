@@ -163,10 +163,43 @@ def format_table(results: Sequence[Result]) -> str:
             out.append("")
         previous = (r.size, r.dtype)
         out.append(line(row))
+    out += _against_others(results)
     reasons = [f"  {_reason(r)}" for r in results if r.status != "ok"]
     if reasons:
         out += ["", "not measured:", *reasons]
     return "\n".join(out)
+
+
+#: Pairs of (ours, theirs) whose time ratio `format_table` states, when both were measured.
+AGAINST = (
+    ("Adam.step", "torch-fused"),
+    ("adam_update", "torch-fused"),
+    ("adam_update", "optax-jit"),
+    ("Adam.step", "optax-jit-donate"),
+    ("Adam.step-torch", "torch-fused"),
+    ("adam_update-jax", "optax-jit"),
+)
+
+
+def _against_others(results: Sequence[Result]) -> list[str]:
+    """Lines giving our time over torch's and optax's, per size and dtype (below 1: faster)."""
+    times = {
+        (r.implementation, r.size, r.dtype): r.median_us
+        for r in results
+        if r.status == "ok" and r.median_us
+    }
+    lines = []
+    for size, dtype in dict.fromkeys((r.size, r.dtype) for r in results):
+        parts = []
+        for ours, theirs in AGAINST:
+            a, b = times.get((ours, size, dtype)), times.get((theirs, size, dtype))
+            if a is not None and b is not None:
+                parts.append(f"{ours} / {theirs} {a / b:.2f}")
+        if parts:
+            lines.append(f"  {size} {dtype}: " + ", ".join(parts))
+    if not lines:
+        return []
+    return ["", "time against torch and optax, same threads (below 1: faster):", *lines]
 
 
 def _progress_line(r: Result) -> str:

@@ -1,0 +1,102 @@
+"""Arrays of other libraries: recognising them, their array-API namespace, and NumPy copies.
+
+NumPy arrays take the tuned kernels and never come here. An array of another library (JAX,
+PyTorch, CuPy, dask, array-api-strict, ...) is recognised without importing its library, and
+its namespace comes from ``array-api-compat`` (the ``[array-api]`` extra), imported at the
+first such array.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "EXTRA",
+    "is_array",
+    "is_foreign",
+    "is_lazy",
+    "is_traced",
+    "library",
+    "namespace",
+    "to_numpy",
+]
+
+#: How to install what arrays of other libraries need.
+EXTRA = 'pip install "adam-functional[array-api]"'
+
+# Libraries whose arrays are recognised by their type's module, for those that implement neither
+# __array_namespace__ nor __dlpack__ (dask).
+_KNOWN = frozenset({"jax", "jaxlib", "torch", "dask", "cupy", "array_api_strict", "sparse"})
+
+
+def library(x: Any) -> str:
+    """The library of ``x``'s type: ``"numpy"``, ``"jax"``, ``"torch"``, ..."""
+    top = type(x).__module__.partition(".")[0]
+    return "jax" if top == "jaxlib" else top  # JAX's concrete arrays are jaxlib's.
+
+
+def is_foreign(x: Any) -> bool:
+    """Whether ``x`` is an array of a library other than NumPy."""
+    if isinstance(x, np.ndarray | np.generic):
+        return False
+    kind = type(x)
+    return (
+        hasattr(kind, "__array_namespace__") or hasattr(kind, "__dlpack__") or library(x) in _KNOWN
+    )
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is a leaf of a tree: a NumPy array or another library's."""
+    return isinstance(x, np.ndarray) or is_foreign(x)
+
+
+def is_traced(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer, whose values are not known while a function is traced."""
+    return library(x) == "jax" and "Tracer" in type(x).__name__
+
+
+def is_lazy(x: Any) -> bool:
+    """Whether ``x``'s values are unknown until later: a JAX tracer or a dask array."""
+    return is_traced(x) or library(x) == "dask"
+
+
+def namespace(x: Any, where: str) -> ModuleType:
+    """The array-API namespace of ``x``, through array-api-compat.
+
+    Raises:
+      TypeError: array-api-compat is not installed, or ``x`` has no namespace it knows.
+    """
+    try:
+        import array_api_compat
+    except ImportError:
+        raise TypeError(
+            f"{where}: got a {library(x)} array ({type(x).__name__}); arrays of libraries other "
+            f"than NumPy need array-api-compat: {EXTRA}"
+        ) from None
+    try:
+        xp: ModuleType = array_api_compat.array_namespace(x)
+    except TypeError as error:
+        raise TypeError(
+            f"{where}: expected an array of a library that follows the array API standard, got "
+            f"{type(x).__name__} ({error})"
+        ) from None
+    return xp
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A NumPy copy of ``x`` in host memory (DLPack where it can, else ``np.asarray``)."""
+    if isinstance(x, np.ndarray):
+        return np.array(x, copy=True)
+    if library(x) == "torch":
+        x = x.detach().cpu()
+    elif library(x) == "cupy":
+        x = x.get()
+    elif library(x) == "dask":
+        x = x.compute()
+    try:
+        return np.array(np.from_dlpack(x), copy=True)
+    except (TypeError, AttributeError, RuntimeError, BufferError, ValueError):
+        return np.array(np.asarray(x), copy=True)

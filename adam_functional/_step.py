@@ -1,0 +1,718 @@
+"""The checked step of both APIs: every check, the skip decision and the scalars; then the run.
+
+`prepare_step` looks at everything a step will read (parameters, gradients, moments, config)
+and decides what the step does, writing nothing: it returns a `Step`, or raises. `run` then
+hands each leaf to its kernel, with the outputs the caller chose: fresh arrays for `adam_update`,
+the arrays themselves and the optimizer's buffers for `Adam.step`. A check added here holds for
+both APIs, and since every check runs before `run`, a step that raises has changed nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from adam_functional import kernels
+from adam_functional._namespaces import is_foreign, is_lazy, is_traced, library, namespace
+from adam_functional._records import AdamConfig
+from adam_functional._tree import (
+    MAX_DEPTH,
+    LeafPaths,
+    TreeDef,
+    broadcast_prefix,
+    flatten_like,
+    leaf_count,
+)
+from adam_functional.kernels import Coefficients, Inputs, Kernel, Outputs
+from adam_functional.kernels import array_api as array_api_kernel
+
+__all__ = [
+    "LeafState",
+    "Step",
+    "configs_for",
+    "moments_dtype",
+    "one_library",
+    "plain",
+    "prepare_step",
+    "run",
+    "run_array_api",
+]
+
+_FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
+# Elements per sum of squares in the gradient check: short enough that a BLAS library starts no
+# threads for it, long enough that the per-call cost is small.
+_CHUNK = 8192
+
+
+class LeafState(NamedTuple):
+    """What a step reads of one parameter's state.
+
+    ``origin`` says where the moments came from, for the error when they do not fit the
+    parameter (``"as at its first step"``); None when the caller has checked that they fit.
+    """
+
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray | None
+    t: Any  # An int; a 0-d integer array under jax.jit.
+    consecutive_skips: Any
+    origin: str | None
+
+
+class Step(NamedTuple):
+    """A checked step, ready to run: its inputs as plain arrays, and what each leaf gets."""
+
+    params: list[np.ndarray]
+    grads: list[np.ndarray]
+    #: One per leaf, or None when the step is skipped (``nonfinite="skip"``).
+    coefficients: list[Coefficients] | None
+    kernels: list[Kernel]
+    #: The dtype of each leaf's moments.
+    moments: list[Any]
+    #: Skipped steps in a row after this one: 0 when it is taken.
+    streak: int
+    #: The namespace of another library's arrays (then the kernel returns new arrays), or None.
+    xp: Any = None
+    #: For lazy arrays (under jax.jit, or dask) with ``nonfinite="skip"``: a 0-d boolean array,
+    #: whether the step is taken, for the caller to select with ``where``; else None.
+    taken: Any = None
+
+
+def plain(array: np.ndarray) -> np.ndarray:
+    """``array`` as a plain ``ndarray`` over the same memory.
+
+    A subclass can give ``reshape``, indexing and ufuncs another meaning (``np.matrix`` keeps
+    two dimensions through ``reshape(-1)``); the kernels see its memory as a plain array.
+    """
+    return array if type(array) is np.ndarray else array.view(np.ndarray)
+
+
+def configs_for(config: Any, treedef: TreeDef) -> list[AdamConfig]:
+    """One config per leaf, from one `AdamConfig` or a tree of them that prefixes the params.
+
+    Raises:
+      TypeError: ``config`` is neither an `AdamConfig` nor a tree of them.
+      ValueError: the tree does not fit the params; the message names the path.
+    """
+    if type(config) is AdamConfig:
+        return [config] * leaf_count(treedef)
+    if not _holds_config(config, 0):
+        hint = " (a dict of hyperparameters: AdamConfig(**it))" if isinstance(config, dict) else ""
+        raise TypeError(
+            f"config: expected an AdamConfig, got {type(config).__name__}{hint}; or a tree of "
+            "AdamConfigs that is a prefix of params"
+        )
+    return broadcast_prefix(config, treedef, "config", AdamConfig)
+
+
+def _holds_config(node: Any, depth: int) -> bool:
+    if isinstance(node, AdamConfig):
+        return True
+    if depth > MAX_DEPTH or not isinstance(node, dict | list | tuple):
+        return False
+    values = node.values() if isinstance(node, dict) else node
+    return any(_holds_config(value, depth + 1) for value in values)
+
+
+def prepare_step(
+    leaves: list[np.ndarray],
+    treedef: TreeDef,
+    grads: Any,
+    states: Sequence[LeafState | None],
+    configs: Sequence[AdamConfig],
+    *,
+    in_place: bool,
+) -> Step:
+    """Checks one step over the parameter ``leaves`` (of the tree ``treedef``) and plans it.
+
+    ``states`` and ``configs`` have one entry per leaf: its moments and counts (or None for a
+    parameter that starts from zero moments), and its hyperparameters. A state whose ``origin``
+    is None has been checked against its parameter by the caller. ``in_place`` says the kernel
+    will write the parameters themselves, which must then be writeable and overlap nothing.
+
+    Raises:
+      TypeError: a parameter is not a floating-point (writeable) array, or a gradient holds no
+        real numbers.
+      ValueError: the gradients differ from the parameters in structure or shape, a state does
+        not fit its parameter, parameters overlap (in place), or a schedule's rate is invalid.
+      FloatingPointError: a gradient is not finite (or would overflow the moments) and the
+        leaf's config says to raise.
+    """
+    paths = LeafPaths(treedef, "params")
+    if any(is_foreign(p) for p in leaves):
+        return _prepare_array_api(leaves, treedef, grads, states, configs, in_place, paths)
+    params = [plain(p) for p in leaves]
+    _check_params(params, paths, in_place)
+    g_leaves = flatten_like(grads, treedef, "grads")
+    g_paths = LeafPaths(treedef, "grads")
+    grads_arrays = [_as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, params))]
+    moments = [config.moments_dtype(p.dtype) for p, config in zip(params, configs)]
+    for index, (state, p, config) in enumerate(zip(states, params, configs)):
+        if state is not None and state.origin is not None:
+            _check_fit(state, p, moments[index], config, paths[index])
+    if in_place:
+        _copy_overlapping(grads_arrays, params)
+    choose = [kernels.select(p.dtype, g.dtype, m) for p, g, m in zip(params, grads_arrays, moments)]
+    streak = max((s.consecutive_skips for s in states if s is not None), default=0) + 1
+    # Every leaf is looked at: a bad gradient whose config raises wins over one whose skips.
+    skip = False
+    for index, (g, p, state, config) in enumerate(zip(grads_arrays, params, states, configs)):
+        if config.nonfinite == "propagate":
+            continue
+        problem = _gradient_problem(g, p, moments[index], state, config)
+        if problem is None:
+            continue
+        if not _may_skip(config, streak):
+            raise _nonfinite_error(problem, g_paths[index], config, streak)
+        skip = True
+    if skip:
+        return Step(params, grads_arrays, None, choose, moments, streak)
+    return Step(params, grads_arrays, _coefficients(states, configs), choose, moments, 0)
+
+
+def _coefficients(
+    states: Sequence[LeafState | None], configs: Sequence[AdamConfig], xp: Any = None
+) -> list[Coefficients]:
+    """The scalars of each config and step count (in the wrapper, arrays may have taken
+    different numbers of steps); a schedule may raise here, still before anything is written."""
+    cache: dict[tuple[int, Any], Coefficients] = {}
+    coefficients = []
+    for state, config in zip(states, configs):
+        count = 0 if state is None else state.t
+        if not isinstance(count, int) and not is_lazy(count):
+            count = int(count)  # A concrete array (JAX outside jit): the exact path.
+        # A count held in a lazy array (under jax.jit, say) is keyed by the array, alive meanwhile.
+        key = (id(config), count if isinstance(count, int) else ("array", id(count)))
+        c = cache.get(key)
+        if c is None:
+            if isinstance(count, int):
+                c = kernels.coefficients(config, count + 1)
+            else:  # The scalars as 0-d arrays.
+                c = _array_coefficients(xp, config, count + 1, state)
+            cache[key] = c
+        coefficients.append(c)
+    return coefficients
+
+
+def _check_fit(
+    state: LeafState, p: np.ndarray, moments: np.dtype, config: AdamConfig, path: str
+) -> None:
+    if state.m.shape != p.shape:
+        raise ValueError(
+            f"{path}: expected dtype {p.dtype} and shape {state.m.shape} {state.origin}, got "
+            f"dtype {p.dtype} and shape {p.shape}"
+        )
+    if state.m.dtype != moments:
+        raise ValueError(
+            f"{path}: expected moments of dtype {moments} for {p.dtype} parameters with "
+            f"moment_dtype={config.moment_dtype!r}, got a state of {state.m.dtype} moments "
+            f"{state.origin}"
+        )
+    if config.amsgrad != (state.v_max is not None):
+        raise ValueError(
+            f"{path}: expected a state {'with' if config.amsgrad else 'without'} v_max for "
+            f"amsgrad={config.amsgrad}, got one {'without' if config.amsgrad else 'with'} "
+            f"{state.origin}"
+        )
+
+
+def run_array_api(step: Step, states: Sequence[LeafState]) -> list[Outputs]:
+    """Runs a taken step on another library's arrays: the new arrays, leaf by leaf. For lazy
+    arrays whose step may be skipped, each new array is the old one where it is."""
+    assert step.coefficients is not None
+    assert step.xp is not None
+    xp, results = step.xp, []
+    for p, g, state, c in zip(step.params, step.grads, states, step.coefficients):
+        new = array_api_kernel.adam_leaf(xp, Inputs(p, g, state.m, state.v, state.v_max), c)
+        if step.taken is not None:
+            old = (p, state.m, state.v, state.v_max)
+            new = Outputs._make(
+                None if a is None else xp.where(step.taken, a, b) for a, b in zip(new, old)
+            )
+        results.append(new)
+    return results
+
+
+def run(
+    step: Step,
+    states: Sequence[LeafState],
+    outputs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]],
+) -> None:
+    """Runs a taken step: each leaf's kernel reads its parameter, gradient and ``states`` entry
+    and writes ``outputs``' entry ``(p, m, v, v_max)``."""
+    assert step.coefficients is not None, "a skipped step has nothing to run"
+    # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it was
+    # asked to propagate) must not interrupt the step half-way, warning or not.
+    with np.errstate(all="ignore"):
+        for p, g, state, c, kernel, out in zip(
+            step.params, step.grads, states, step.coefficients, step.kernels, outputs
+        ):
+            kernel(Inputs(p, g, state.m, state.v, state.v_max), c, Outputs(*out))
+
+
+# -------------------------------------------------------------------------------------------------
+# Parameters and gradients.
+
+
+def _check_params(params: list[np.ndarray], paths: LeafPaths, in_place: bool) -> None:
+    for index, p in enumerate(params):
+        if p.dtype.kind != "f":
+            raise TypeError(f"{paths[index]}: expected {_FLOAT_PARAMS}, got dtype {p.dtype}")
+        if in_place:
+            if not p.flags.writeable:
+                raise TypeError(
+                    f"{paths[index]}: expected a writeable array to update in place, "
+                    "got a read-only array"
+                )
+            if _overlaps_itself(p):
+                raise ValueError(
+                    f"{paths[index]}: expected an array whose elements share no memory, got "
+                    f"one with strides {p.strides} over shape {p.shape} (a broadcast or "
+                    "as_strided view); step a copy, or its base array"
+                )
+    if in_place:
+        _refuse_overlaps(params, paths)
+
+
+def _as_grad(g: Any, p: np.ndarray, paths: LeafPaths, index: int) -> np.ndarray:
+    """Returns gradient leaf ``g`` as a plain array after checking it against parameter ``p``."""
+    if isinstance(g, np.ndarray):
+        g = plain(g)
+    else:
+        if isinstance(g, bool | np.bool_) or not isinstance(
+            g, float | int | np.floating | np.integer
+        ):
+            raise TypeError(
+                f"{paths[index]}: expected an array of real numbers, got {type(g).__name__}"
+            )
+        g = np.asarray(g)
+    array: np.ndarray = g
+    if array.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{paths[index]}: expected real numbers (a float or int dtype), got dtype {array.dtype}"
+        )
+    if array.shape != p.shape:
+        raise ValueError(f"{paths[index]}: expected shape {p.shape} like params, got {array.shape}")
+    return array
+
+
+# -------------------------------------------------------------------------------------------------
+# Memory: in place, no two parameters may share memory, and a gradient that shares memory with a
+# parameter is read from a copy (the kernel writes parameters leaf by leaf, block by block).
+
+
+def _bounds(a: np.ndarray) -> tuple[int, int]:
+    """The first byte of ``a``'s memory and one past its last (``numpy``'s byte_bounds)."""
+    low = high = a.__array_interface__["data"][0]
+    for extent, stride in zip(a.shape, a.strides):
+        if stride < 0:
+            low += (extent - 1) * stride
+        else:
+            high += (extent - 1) * stride
+    return low, high + a.itemsize
+
+
+def _overlaps_itself(a: np.ndarray) -> bool:
+    """Whether two elements of ``a`` may share memory (a stride of 0, or strides that interleave).
+
+    Dimensions sorted by stride, each stride must step over all the elements of the smaller ones;
+    that holds for every array NumPy makes without ``as_strided`` or broadcasting.
+    """
+    if a.size <= 1:
+        return False
+    extent = a.itemsize
+    for stride, size in sorted((abs(d), s) for s, d in zip(a.shape, a.strides) if s > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def _overlapping_pairs(
+    arrays: Sequence[np.ndarray], first_group: int | None = None
+) -> list[tuple[int, int]]:
+    """The pairs ``(i, j)``, ``i < j``, of arrays that share memory.
+
+    Sorted by their first byte, only arrays whose byte ranges intersect are compared: n log n
+    for arrays that lie apart, as parameters do, whatever objects own their memory. With
+    ``first_group``, only pairs with ``i < first_group <= j`` are looked for.
+    """
+    spans = sorted((*_bounds(a), index) for index, a in enumerate(arrays) if a.size > 0)
+    pairs = []
+    open_spans: list[tuple[int, int]] = []  # (end, index) of spans that may reach further
+    for low, high, index in spans:
+        open_spans = [(end, other) for end, other in open_spans if end > low]
+        for _, other in open_spans:
+            i, j = min(index, other), max(index, other)
+            if first_group is not None and not i < first_group <= j:
+                continue
+            if _shares(arrays[i], arrays[j]):
+                pairs.append((i, j))
+        open_spans.append((high, index))
+    return pairs
+
+
+def _shares(a: np.ndarray, b: np.ndarray) -> bool:
+    try:
+        return bool(np.shares_memory(a, b, max_work=10_000))  # type: ignore[arg-type]
+    except np.exceptions.TooHardError:  # Too intricate to tell: treat as overlapping.
+        return True
+
+
+def _refuse_overlaps(params: list[np.ndarray], paths: LeafPaths) -> None:
+    pairs = _overlapping_pairs(params)
+    if pairs:
+        first, second = min(pairs, key=lambda pair: (pair[1], pair[0]))
+        if params[first].__array_interface__ == params[second].__array_interface__:
+            raise ValueError(
+                f"{paths[second]}: expected each array once, got the same array as {paths[first]}"
+            )
+        raise ValueError(
+            f"{paths[second]}: expected arrays that share no memory, got one that overlaps "
+            f"{paths[first]}"
+        )
+
+
+def _copy_overlapping(grads: list[np.ndarray], params: list[np.ndarray]) -> None:
+    # One gradient array may serve several leaves: each distinct one is looked at, and copied,
+    # once.
+    distinct: dict[int, np.ndarray] = {id(g): g for g in grads}
+    n = len(params)
+    candidates = [*params, *distinct.values()]
+    copies: dict[int, np.ndarray] = {}
+    for _, second in _overlapping_pairs(candidates, first_group=n):
+        g = candidates[second]
+        copies.setdefault(id(g), np.array(g, copy=True))
+    if copies:
+        grads[:] = [copies.get(id(g), g) for g in grads]
+
+
+# -------------------------------------------------------------------------------------------------
+# Non-finite gradients.
+
+
+def _may_skip(config: AdamConfig, streak: int) -> bool:
+    """Whether a step with bad gradients may be skipped as the ``streak``-th in a row."""
+    if config.nonfinite != "skip":
+        return False
+    return config.max_consecutive_skips is None or streak <= config.max_consecutive_skips
+
+
+def _nonfinite_error(
+    problem: str, path: str, config: AdamConfig, streak: int
+) -> FloatingPointError:
+    if config.nonfinite == "skip":
+        advice = (
+            f"it would be skip {streak} in a row, more than "
+            f"AdamConfig.max_consecutive_skips={config.max_consecutive_skips}"
+        )
+    else:
+        advice = "AdamConfig(nonfinite='skip') skips such steps"
+    return FloatingPointError(
+        f"{path}: expected finite gradients, got {problem}; nothing was changed. {advice}"
+    )
+
+
+_LARGEST: dict[np.dtype, float] = {}
+
+
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of ``dtype`` as a Python float (float64's, for longdouble)."""
+    largest = _LARGEST.get(dtype)
+    if largest is None:
+        largest = _LARGEST[dtype] = float(min(np.finfo(dtype).max, np.finfo(np.float64).max))
+    return largest
+
+
+def _gradient_problem(
+    g: np.ndarray, p: np.ndarray, moments: np.dtype, state: LeafState | None, config: AdamConfig
+) -> str | None:
+    """Says what is wrong with gradient ``g`` of parameter ``p``, or returns None.
+
+    A gradient is wrong when it holds NaN or infinity, or a value whose square overflows the
+    dtype the step computes in (`kernels.work_dtype`: a float64 gradient of float32 parameters
+    is judged in float32): ``v`` would become infinite and the coordinate would never move again.
+    The same holds for what the step really uses, the gradient after L2 weight decay
+    ``g + weight_decay * p``, and for the moments in their storage dtype when it is narrower than
+    the work dtype (float16 moments).
+
+    A sum of squares clears NaN, infinity and overflowing squares at once in the common case: it
+    is at most the dtype's largest value exactly when no such value is there, unless the sum
+    itself is too large. It is taken in chunks (``np.vdot``: no allocation, one read, no
+    floating-point flags). Only a gradient that fails, and the rarer configurations, are looked
+    at value by value.
+    """
+    if g.size == 0:
+        return None
+    work = kernels.work_dtype(p.dtype, moments)
+    l2 = config.weight_decay if config.weight_decay > 0 and not config.decoupled_weight_decay else 0
+    if l2 == 0 and moments == work and _squares_fit(g, work):
+        return None
+    return _find_bad_values(g, p, moments, state, config, work, l2)
+
+
+def _squares_fit(g: np.ndarray, work: np.dtype) -> bool:
+    if g.dtype.kind != "f":
+        # Integers are finite, and the square of any int64 fits float32; only uint64 can reach
+        # float32's limit, and integer sums would wrap around, so it is looked at value by value.
+        return g.dtype != np.uint64
+    largest = _largest(work)
+    if g.size <= _CHUNK:
+        return float(np.vdot(g, g)) <= largest  # False for NaN.
+    flat = g.reshape(-1)
+    chunks = (flat[i : i + _CHUNK] for i in range(0, flat.shape[0], _CHUNK))
+    return all(float(np.vdot(chunk, chunk)) <= largest for chunk in chunks)
+
+
+def _find_bad_values(
+    g: np.ndarray,
+    p: np.ndarray,
+    moments: np.dtype,
+    state: LeafState | None,
+    config: AdamConfig,
+    work: np.dtype,
+    l2: float,
+) -> str | None:
+    """Walks ``g`` in chunks, computing what the kernel will, and describes the first fault."""
+    limit = np.sqrt(np.finfo(work).max)
+    storage_max = float(np.finfo(moments).max) if moments != work else None
+    flat_g, flat_p = g.reshape(-1), p.reshape(-1)
+    flat_m = flat_v = None
+    if state is not None and storage_max is not None:
+        flat_m, flat_v = state.m.reshape(-1), state.v.reshape(-1)
+    counts = {"nonfinite": 0, "huge": 0, "storage": 0}
+    first: dict[str, int] = {}
+    with np.errstate(all="ignore"):
+        for start in range(0, flat_g.shape[0], _CHUNK):
+            stop = start + _CHUNK
+            block = flat_g[start:stop].astype(work)
+            bad = ~np.isfinite(flat_g[start:stop])
+            big = ~bad
+            if l2:
+                # Only a finite parameter: an infinite one is not the gradient's fault, and the
+                # step carries it as the plain formula does.
+                decayed = flat_p[start:stop].astype(work)
+                big &= np.isfinite(decayed)
+                block = block + l2 * decayed
+            big &= ~(np.abs(block) <= limit)
+            faults = {"nonfinite": bad, "huge": big}
+            if storage_max is not None:
+                v = 0.0 if flat_v is None else flat_v[start:stop].astype(work)
+                m = 0.0 if flat_m is None else flat_m[start:stop].astype(work)
+                new_v = config.beta2 * v + (1.0 - config.beta2) * (block * block)
+                new_m = config.beta1 * m + (1.0 - config.beta1) * block
+                fits = (np.abs(new_v) <= storage_max) & (np.abs(new_m) <= storage_max)
+                # Moments already infinite, or a parameter that is, are not this gradient's doing.
+                finite = np.isfinite(v) & np.isfinite(m) & np.isfinite(block)
+                faults["storage"] = ~bad & ~big & ~fits & finite
+            for name, mask in faults.items():
+                count = int(np.count_nonzero(mask))
+                if count:
+                    counts[name] += count
+                    first.setdefault(name, start + int(np.argmax(mask)))
+
+    def where(index: int) -> str:
+        position = tuple(int(i) for i in np.unravel_index(index, g.shape))
+        return f"first at index {position}: {flat_g[index].item()}"
+
+    def values(count: int) -> str:
+        return f"{count} value{'' if count == 1 else 's'} of {g.size}"
+
+    if counts["nonfinite"]:
+        count = counts["nonfinite"]
+        return (
+            f"{count} NaN or infinite value{'' if count == 1 else 's'} of {g.size} "
+            f"({where(first['nonfinite'])})"
+        )
+    if counts["huge"]:
+        what = "whose L2-decayed value g + weight_decay * p or its square" if l2 else "whose square"
+        return (
+            f"{values(counts['huge'])} {what} overflows {work}, |g| > {float(limit):.4g} "
+            f"({where(first['huge'])})"
+        )
+    if counts["storage"]:
+        return (
+            f"{values(counts['storage'])} for which a moment would overflow its storage dtype "
+            f"{moments} (largest {storage_max:.4g}) ({where(first['storage'])})"
+        )
+    return None
+
+
+# -------------------------------------------------------------------------------------------------
+# Arrays of other libraries, through the array API.
+
+
+def moments_dtype(xp: Any, params_dtype: Any, config: AdamConfig) -> Any:
+    """`AdamConfig.moments_dtype` for a dtype of namespace ``xp``.
+
+    Raises:
+      TypeError: the config names a dtype that ``xp`` does not have.
+    """
+    chosen = config.moment_dtype
+    if chosen == "params":
+        return params_dtype
+    if chosen is None:
+        # float16 is no standard dtype: a namespace need not have it (and NumPy's dtypes equal
+        # None: np.dtype(None) is float64).
+        half = getattr(xp, "float16", None)
+        if half is None and isinstance(params_dtype, np.dtype):
+            half = np.dtype(np.float16)  # dask's namespace lists no float16; its arrays have it.
+        return xp.float32 if half is not None and params_dtype == half else params_dtype
+    found = getattr(xp, np.dtype(chosen).name, None)
+    if found is None:
+        raise TypeError(f"AdamConfig.moment_dtype: {chosen} is not a dtype of {xp.__name__}")
+    return found
+
+
+def _prepare_array_api(
+    leaves: list[Any],
+    treedef: TreeDef,
+    grads: Any,
+    states: Sequence[LeafState | None],
+    configs: Sequence[AdamConfig],
+    in_place: bool,
+    paths: LeafPaths,
+) -> Step:
+    """`prepare_step` for the arrays of one library other than NumPy."""
+    lib = library(leaves[0])
+    xp = namespace(leaves[0], paths[0])
+    g_leaves = flatten_like(grads, treedef, "grads")
+    g_paths = LeafPaths(treedef, "grads")
+    moments = []
+    for index, (p, g, config) in enumerate(zip(leaves, g_leaves, configs)):
+        _same_library(p, lib, paths[index])
+        if not xp.isdtype(p.dtype, "real floating"):
+            raise TypeError(f"{paths[index]}: expected {_FLOAT_PARAMS}, got dtype {p.dtype}")
+        if in_place and lib in ("jax", "dask"):
+            raise TypeError(
+                f"{paths[index]}: {lib} arrays cannot be updated in place; "
+                "adam_update(params, grads, state, config) returns new ones"
+            )
+        _same_library(g, lib, g_paths[index])
+        if not xp.isdtype(g.dtype, ("real floating", "integral")):
+            raise TypeError(
+                f"{g_paths[index]}: expected real numbers (a float or int dtype), got dtype "
+                f"{g.dtype}"
+            )
+        if tuple(g.shape) != tuple(p.shape):
+            raise ValueError(
+                f"{g_paths[index]}: expected shape {tuple(p.shape)} like params, got "
+                f"{tuple(g.shape)}"
+            )
+        moments.append(moments_dtype(xp, p.dtype, config))
+    for index, (state, p) in enumerate(zip(states, leaves)):
+        if state is not None and state.origin is not None:
+            _check_fit(state, p, moments[index], configs[index], paths[index])
+    lazy = any(is_lazy(a) for a in (*leaves, *g_leaves))
+    taken = None
+    skip_streak = 0
+    for index, (p, g, config) in enumerate(zip(leaves, g_leaves, configs)):
+        policy = config.nonfinite
+        if policy == "propagate":
+            continue
+        if policy == "raise" and (is_traced(p) or is_traced(g)):
+            raise TypeError(
+                f"{paths[index]}: nonfinite='raise' cannot raise inside a traced function "
+                "(jax.jit, vmap, scan), where the values are not known; use "
+                "AdamConfig(nonfinite='skip'), which selects with where, or 'propagate'"
+            )
+        fine = _finite_step(xp, p, g, config)
+        if policy == "skip" and lazy:
+            if config.max_consecutive_skips is not None:
+                raise TypeError(
+                    f"{paths[index]}: max_consecutive_skips cannot be enforced on lazy arrays "
+                    "(under jax.jit, or dask); leave it None there"
+                )
+            taken = fine if taken is None else xp.logical_and(taken, fine)
+            continue
+        if not bool(fine):  # On dask, "raise" computes the check here.
+            streak = max((int(s.consecutive_skips) for s in states if s is not None), default=0)
+            streak += 1
+            problem = "NaN, infinity, or a value whose square overflows"
+            if not _may_skip(config, streak):
+                raise _nonfinite_error(problem, g_paths[index], config, streak)
+            skip_streak = streak
+    if skip_streak:
+        return Step(list(leaves), list(g_leaves), None, [], moments, skip_streak, xp)
+    coefficients = _coefficients(states, configs, xp)
+    return Step(list(leaves), list(g_leaves), coefficients, [], moments, 0, xp, taken)
+
+
+def one_library(leaves: Sequence[Any], paths: LeafPaths) -> str | None:
+    """The library of the leaves when it is not NumPy, else None.
+
+    Raises:
+      TypeError: the leaves are arrays of more than one library.
+    """
+    if not any(is_foreign(leaf) for leaf in leaves):
+        return None
+    lib = library(next(leaf for leaf in leaves if is_foreign(leaf)))
+    for index, leaf in enumerate(leaves):
+        _same_library(leaf, lib, paths[index])
+    return lib
+
+
+def _same_library(x: Any, lib: str, where: str) -> None:
+    if not is_foreign(x) or library(x) != lib:
+        got = "a NumPy array" if isinstance(x, np.ndarray) else type(x).__name__
+        raise TypeError(
+            f"{where}: expected a {lib} array like the other params, got {got}; one call takes "
+            "the arrays of one library"
+        )
+
+
+def _finite_step(xp: Any, p: Any, g: Any, config: AdamConfig) -> Any:
+    """A 0-d boolean array: whether every value of ``g`` (after L2 decay) and its square are
+    finite in the dtype the step computes in."""
+    work = array_api_kernel.work_dtype(xp, p.dtype, p.dtype)
+    gw = xp.astype(g, work)
+    if config.weight_decay > 0 and not config.decoupled_weight_decay:
+        pw = xp.astype(p, work)
+        gw = gw + xp.where(xp.isfinite(pw), pw, xp.zeros_like(pw)) * config.weight_decay
+    limit = float(np.sqrt(np.finfo(np.dtype(_numpy_name(xp, work))).max))
+    return xp.all(xp.abs(gw) <= limit)  # False for NaN.
+
+
+def _numpy_name(xp: Any, dtype: Any) -> str:
+    for name in ("float16", "float32", "float64"):
+        if getattr(xp, name, None) == dtype:
+            return name
+    raise TypeError(f"unsupported dtype {dtype}")
+
+
+def _array_coefficients(
+    xp: Any, config: AdamConfig, t: Any, state: LeafState | None
+) -> Coefficients:
+    """The scalars of a step whose count ``t`` is a 0-d integer array (under jax.jit)."""
+    assert state is not None
+    work = array_api_kernel.work_dtype(xp, state.m.dtype, state.m.dtype)
+    tf = xp.astype(t, work)
+
+    def correction(beta: float, steps: Any) -> Any:
+        # 1 - beta**t as -expm1(t * log(beta)), with log(beta) from float64: within a few ulps
+        # of the float64 value even in float32, where 1 - beta**t would lose up to 1e-5.
+        if beta == 0.0:
+            return xp.ones_like(steps)
+        return -xp.expm1(steps * math.log(beta))
+
+    lr = config.lr(t) if callable(config.lr) else config.lr
+    decoupled = config.decoupled_weight_decay
+    return Coefficients(
+        lr,
+        config.beta1,
+        1.0 - config.beta1,
+        config.beta2,
+        1.0 - config.beta2,
+        correction(config.beta1, tf),
+        correction(config.beta2, tf),
+        config.eps,
+        config.weight_decay if config.weight_decay > 0 and not decoupled else 0.0,
+        1.0 - lr * config.weight_decay if decoupled else None,
+        config.maximize,
+        config.amsgrad,
+        correction(config.beta1, tf + 1.0) if config.nesterov else None,
+        config.eps_root,
+    )

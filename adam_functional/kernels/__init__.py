@@ -1,0 +1,276 @@
+"""The kernels: one Adam step on one array, the scalars it needs, and the choice of backend.
+
+A kernel is a function with the signature of `Kernel`. It reads the `Inputs` ``p``, ``g``,
+``m``, ``v`` (and ``v_max``) and writes the new values into the `Outputs` it is given: fresh
+arrays for the pure update, the arrays themselves for the in-place wrapper (donation). Everything
+a kernel may assume has been checked before it is called (see ``adam_functional._step``).
+
+Backends are modules of this package, one per backend, each with an ``adam_leaf`` kernel and a
+``supports(p, g, moments)`` test of the dtypes it computes. `kernels.numpy` holds the reference
+form of the formula, which ``docs/algorithm.md`` states; every other backend is held to it bit
+for bit. This module is the one place a backend is chosen: `BACKENDS` lists them, and a new
+backend joins by adding its module and its name there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from adam_functional._records import AdamConfig
+
+__all__ = [
+    "BACKENDS",
+    "ENVIRONMENT_VARIABLE",
+    "Coefficients",
+    "Inputs",
+    "Kernel",
+    "Outputs",
+    "backend",
+    "coefficients",
+    "flat",
+    "select",
+    "use_backend",
+    "work_dtype",
+    "write_back",
+]
+
+#: The backends, the reference first and the fastest last: the last that imports is used unless
+#: the environment names one. Each maps to the module that implements it and the extra that
+#: installs what it needs.
+BACKENDS: dict[str, tuple[str, str | None]] = {
+    "numpy": ("adam_functional.kernels.numpy", None),
+    "numba": ("adam_functional.kernels.numba", "numba"),
+}
+#: The reference backend, always there, which takes every dtype.
+REFERENCE = "numpy"
+#: Names a backend to use instead of the first that imports.
+ENVIRONMENT_VARIABLE = "ADAM_FUNCTIONAL_BACKEND"
+
+
+_LARGEST_EXPONENT = 1 << 1000
+
+
+class Coefficients(NamedTuple):
+    """The scalars of one step, computed once per step from the config and the step count."""
+
+    lr: float
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    bias_correction1: float
+    bias_correction2: float
+    eps: float
+    l2: float
+    decay: float | None
+    maximize: bool
+    amsgrad: bool
+    #: With Nesterov momentum, ``1 - beta1 ** (t + 1)``; else None.
+    bias_correction1_next: float | None
+    eps_root: float
+
+
+class Inputs(NamedTuple):
+    """What a kernel reads for one parameter: its value, gradient and moments."""
+
+    p: np.ndarray
+    g: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray | None  # With AMSGrad.
+
+
+class Outputs(NamedTuple):
+    """Where a kernel writes the new parameter and moments."""
+
+    p: np.ndarray
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray | None
+
+
+class Kernel(Protocol):
+    """One Adam step on one array: reads ``x`` and writes ``out``.
+
+    All arrays have the parameter's shape. ``p``, ``m``, ``v``, ``v_max`` and the outputs have
+    the parameter's dtype; ``g`` may have any real dtype. The outputs for the moments are
+    C-contiguous; ``p``, ``g`` and ``out.p`` may have any layout. An output may be the same array
+    as the input it replaces (``out.m is x.m``), which is how the wrapper updates in place; no
+    other overlap is allowed.
+    """
+
+    def __call__(self, x: Inputs, c: Coefficients, out: Outputs) -> None: ...
+
+
+def flat(x: Inputs, out: Outputs) -> tuple[Inputs, Outputs]:
+    """``x`` and ``out`` as 1-D arrays that a loop walks in one order, C order.
+
+    ``reshape(-1)`` is a view of a C-contiguous array and a C-ordered copy of any other; a
+    parameter of another layout is computed into a scratch array, which `write_back` copies back.
+    """
+    flat_p = out.p.reshape(-1) if out.p.flags.c_contiguous else np.empty(out.p.size, out.p.dtype)
+    flat_x = Inputs._make(None if a is None else a.reshape(-1) for a in x)
+    rest = (None if a is None else a.reshape(-1) for a in out[1:])
+    return flat_x, Outputs._make((flat_p, *rest))
+
+
+def write_back(out: Outputs, flat_out: Outputs) -> None:
+    """Copies the parameter computed by a loop over `flat` arrays to where it belongs."""
+    if not out.p.flags.c_contiguous:
+        out.p[...] = flat_out.p.reshape(out.p.shape)
+
+
+def coefficients(config: AdamConfig, t: int) -> Coefficients:
+    """Returns the scalars of step ``t`` (1-based).
+
+    The bias corrections ``1 - beta ** t`` are Python floats (float64) whatever the parameters'
+    dtype, as in the notebook: ``t`` is an exact int, and ``beta ** t`` in float64 stays accurate
+    where a float32 power would round ``1 - beta2 ** t`` to 0 for small ``t``.
+    """
+    lr = config.learning_rate(t)
+    # beta ** t is 0.0 (or 1.0 for beta = 0 ** 0) long before t reaches 2 ** 1000, and Python
+    # cannot raise a float to an int beyond float's range: the exponent is capped there.
+    t = min(t, _LARGEST_EXPONENT)
+    beta1, beta2, weight_decay = config.beta1, config.beta2, config.weight_decay
+    decoupled = config.decoupled_weight_decay
+    # Positional: this runs once per step, and keyword construction costs a microsecond.
+    return Coefficients(
+        lr,
+        beta1,
+        1.0 - beta1,
+        beta2,
+        1.0 - beta2,
+        1.0 - beta1**t,
+        1.0 - beta2**t,
+        config.eps,
+        # The notebook applies L2 only when weight_decay > 0; keep that test, not "!= 0".
+        weight_decay if (weight_decay > 0 and not decoupled) else 0.0,
+        1.0 - lr * weight_decay if decoupled else None,
+        config.maximize,
+        config.amsgrad,
+        1.0 - beta1 ** (t + 1) if config.nesterov else None,
+        config.eps_root,
+    )
+
+
+_WORK_DTYPES: dict[tuple[np.dtype, np.dtype | None], np.dtype] = {}
+
+
+def work_dtype(dtype: np.dtype, moments: np.dtype | None = None) -> np.dtype:
+    """The dtype a step computes in: the wider of the parameters' and the moments', and at least
+    float32.
+
+    NumPy's float16 rounds ``eps=1e-8`` to zero, which would turn a zero gradient into ``0 / 0``.
+    """
+    key = (dtype, moments)
+    work = _WORK_DTYPES.get(key)
+    if work is None:
+        wider = dtype if moments is None else np.promote_types(dtype, moments)
+        work = _WORK_DTYPES[key] = np.promote_types(wider, np.float32)
+    return work
+
+
+class _Backend(NamedTuple):
+    name: str
+    adam_leaf: Kernel
+    supports: Callable[[np.dtype, np.dtype, np.dtype], bool]
+
+
+_active: _Backend | None = None
+_reference: _Backend | None = None
+
+
+def _load(name: str) -> _Backend:
+    module = importlib.import_module(BACKENDS[name][0])
+    return _Backend(name, module.adam_leaf, module.supports)
+
+
+def _choose() -> _Backend:
+    """The environment variable's backend, else the last of `BACKENDS` that imports."""
+    forced = os.environ.get(ENVIRONMENT_VARIABLE, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"{ENVIRONMENT_VARIABLE}: expected one of {', '.join(BACKENDS)}, got {forced!r}"
+            )
+        try:
+            return _load(forced)
+        except ImportError as error:
+            raise ImportError(
+                f"{ENVIRONMENT_VARIABLE}={forced}, but {forced} cannot be imported ({error}); "
+                f'install it with: pip install "adam-functional[{BACKENDS[forced][1]}]"'
+            ) from error
+    for name, (_, extra) in reversed(BACKENDS.items()):
+        if extra is None or importlib.util.find_spec(extra) is not None:
+            try:
+                return _load(name)
+            except ImportError:  # Installed but broken: the next one.
+                continue
+    raise ImportError(f"no backend of {list(BACKENDS)} imports")
+
+
+def _resolve() -> _Backend:
+    global _active, _reference
+    if _active is None:
+        _active = _choose()
+        _reference = _active if _active.name == REFERENCE else _load(REFERENCE)
+    return _active
+
+
+def select(p: np.dtype, g: np.dtype, moments: np.dtype) -> Kernel:
+    """Returns the kernel for parameters, gradients and moments of these dtypes: the active
+    backend's when it supports them, else the reference's, which supports every floating dtype.
+
+    The first call chooses the backend (reading the environment, which may raise), so the step
+    calls this before it writes anything.
+    """
+    active = _resolve()
+    if active.supports(p, g, moments):
+        return active.adam_leaf
+    assert _reference is not None
+    return _reference.adam_leaf
+
+
+def backend() -> str:
+    """Returns the name of the active compute backend, ``"numba"`` or ``"numpy"``.
+
+    The compiled numba backend is used when numba is installed
+    (``pip install "adam-functional[numba]"``); the environment variable
+    ``ADAM_FUNCTIONAL_BACKEND=numpy`` or ``numba`` forces one, and forcing numba where it is
+    missing raises ``ImportError``. Both give bit-for-bit the same results.
+
+    Raises:
+      ValueError: the environment variable names no backend.
+      ImportError: it forces numba, which cannot be imported.
+    """
+    return _resolve().name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Makes backend ``name`` the active one inside the ``with`` block, then restores the choice.
+
+    For comparing backends in one process (the tests do); not thread-safe.
+
+    Raises:
+      ValueError: ``name`` is not in `BACKENDS`.
+      ImportError: the backend cannot be imported.
+    """
+    global _active, _reference
+    if name not in BACKENDS:
+        raise ValueError(f"name: expected one of {', '.join(BACKENDS)}, got {name!r}")
+    before = _active, _reference
+    _active = _load(name)
+    _reference = _active if name == REFERENCE else _load(REFERENCE)
+    try:
+        yield
+    finally:
+        _active, _reference = before
