@@ -175,16 +175,7 @@ BUILT_IN_SCHEDULES = {
 @pytest.mark.parametrize("name", list(BUILT_IN_SCHEDULES))
 def test_built_in_schedules_trace(jax: Any, lib: Any, name: str) -> None:
     config = AdamConfig(lr=BUILT_IN_SCHEDULES[name], nonfinite="skip")
-    params, grads = problem()
-    expected = numpy_run(params, grads, config)
-    update, traces = jitted_update(jax, config)
-    with jax.enable_x64(True):
-        p = tree_map(lib.asarray, params)
-        state = adam_init(p, config)
-        for g in grads:
-            p, state = update(p, tree_map(lib.asarray, g), state)
-        assert_matches(p, state, expected, lib, RTOL)
-    assert len(traces) == 1
+    _assert_jit_run_matches(jax, lib, config, nan=False)
 
 
 @pytest.mark.slow  # eager JAX operations compile at their first use
