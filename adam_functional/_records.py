@@ -31,6 +31,7 @@ __all__ = [
     "NonFinitePolicy",
     "check_names",
     "register_with_jax",
+    "is_sealed",
     "seal",
     "short_repr",
     "unpickle",
@@ -344,7 +345,10 @@ moment_dtype=None, nonfinite='raise', max_consecutive_skips=None)
 
 # Arrays that this package made and made read-only, and that nothing else can write: a state takes
 # them as they are. Any other array is copied into a state, since whoever holds it could write it.
-_SEALED: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+# By id(), with a weak reference that tells whether the id still names that array; the entries of
+# dead arrays are dropped whenever the table has doubled since the last sweep.
+_SEALED: dict[int, weakref.ref[np.ndarray]] = {}
+_SWEEP_AT = [1024]
 
 
 def seal(array: np.ndarray) -> np.ndarray:
@@ -353,8 +357,17 @@ def seal(array: np.ndarray) -> np.ndarray:
     A state built from sealed arrays (`adam_init`, `adam_update`) takes them without a copy.
     """
     array.flags.writeable = False
-    _SEALED[id(array)] = array
+    _SEALED[id(array)] = weakref.ref(array)
+    if len(_SEALED) >= _SWEEP_AT[0]:
+        for key in [key for key, ref in _SEALED.items() if ref() is None]:
+            del _SEALED[key]
+        _SWEEP_AT[0] = max(1024, 2 * len(_SEALED))
     return array
+
+
+def _sealed(array: Any) -> bool:
+    ref = _SEALED.get(id(array))
+    return ref is not None and ref() is array
 
 
 def _freeze(array: Any) -> Any:
@@ -363,9 +376,23 @@ def _freeze(array: Any) -> Any:
     Another library's array is taken as it is: JAX's cannot be written, and a torch tensor
     cannot be made read-only (the update gives states fresh ones that nothing else holds).
     """
-    if _SEALED.get(id(array)) is array or is_foreign(array):
+    if is_sealed(array) or is_foreign(array):
         return array
     return seal(np.array(array, copy=True, order="C", subok=False))
+
+
+def is_sealed(array: Any) -> bool:
+    """Whether ``array`` was sealed, or is a read-only view of a sealed array (which no one can
+    make writeable: its base is not)."""
+    if _sealed(array):
+        return True
+    base = getattr(array, "base", None)
+    return (
+        type(base) is np.ndarray
+        and _sealed(base)
+        and not array.flags.writeable
+        and type(array) is np.ndarray
+    )
 
 
 def _frozen_tree(tree: Any, field: attrs.Attribute) -> Any:  # type: ignore[type-arg]
@@ -515,6 +542,20 @@ class AdamState:
                         f"AdamState.m, got {leaf.dtype}{list(leaf.shape)}"
                     )
 
+    @classmethod
+    def _of_checked(
+        cls, m: Any, v: Any, t: Any, v_max: Any, skipped: Any, consecutive_skips: Any
+    ) -> AdamState:
+        """A state of arrays that the update has just made, sealed and checked against the
+        parameters: built as the constructor would, without its walk over the trees (which would
+        find nothing to copy and nothing to refuse)."""
+        if not _registered and sys.modules.get("jax") is not None:
+            register_with_jax()
+        state = cls.__new__(cls)
+        for name, value in zip(_FIELDS, (m, v, t, v_max, skipped, consecutive_skips)):
+            _set_field(state, name, value)
+        return state
+
     def __repr__(self) -> str:
         return (
             f"AdamState(t={self.t}, skipped={self.skipped}, "
@@ -550,6 +591,7 @@ _FIELD_NAMES = tuple(field.name for field in attrs.fields(AdamConfig))
 _tree.register_record(AdamState, ("m", "v", "v_max"))
 
 _FIELDS = ("m", "v", "t", "v_max", "skipped", "consecutive_skips")
+_set_field = object.__setattr__
 
 
 def _flatten_state(state: AdamState) -> tuple[tuple[Any, ...], None]:

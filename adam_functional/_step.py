@@ -9,7 +9,10 @@ both APIs, and since every check runs before `run`, a step that raises has chang
 
 from __future__ import annotations
 
+import array
+import itertools
 import math
+import mmap
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -17,7 +20,7 @@ import numpy as np
 
 from adam_functional import kernels
 from adam_functional._namespaces import is_foreign, is_lazy, is_traced, library, namespace
-from adam_functional._records import AdamConfig
+from adam_functional._records import AdamConfig, seal
 from adam_functional._tree import (
     MAX_DEPTH,
     LeafPaths,
@@ -30,8 +33,12 @@ from adam_functional.kernels import Coefficients, Inputs, Kernel, Outputs
 from adam_functional.kernels import array_api as array_api_kernel
 
 __all__ = [
+    "BATCH_LEAF",
+    "BATCH_SIZE",
+    "Fresh",
     "LeafState",
     "Step",
+    "batches",
     "configs_for",
     "moments_dtype",
     "one_library",
@@ -39,6 +46,7 @@ __all__ = [
     "prepare_step",
     "run",
     "run_array_api",
+    "run_fresh",
 ]
 
 _FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
@@ -142,21 +150,32 @@ def prepare_step(
         leaf's config says to raise.
     """
     paths = LeafPaths(treedef, "params")
-    if any(is_foreign(p) for p in leaves):
+    if not all(type(p) is np.ndarray for p in leaves) and any(is_foreign(p) for p in leaves):
         return _prepare_array_api(leaves, treedef, grads, states, configs, in_place, paths)
-    params = [plain(p) for p in leaves]
+    params = [p if type(p) is np.ndarray else plain(p) for p in leaves]
     _check_params(params, paths, in_place)
     g_leaves = flatten_like(grads, treedef, "grads")
     g_paths = LeafPaths(treedef, "grads")
-    grads_arrays = [_as_grad(g, p, g_paths, i) for i, (g, p) in enumerate(zip(g_leaves, params))]
-    moments = [config.moments_dtype(p.dtype) for p, config in zip(params, configs)]
-    for index, (state, p, config) in enumerate(zip(states, params, configs)):
-        if state is not None and state.origin is not None:
-            _check_fit(state, p, moments[index], config, paths[index])
+    grads_arrays = []
+    for index, (g, p) in enumerate(zip(g_leaves, params)):
+        if type(g) is not np.ndarray or g.shape != p.shape or g.dtype.kind not in "fiu":
+            g = _as_grad(g, p, g_paths, index)
+        grads_arrays.append(g)
+    moments = []
+    choose = []
+    streak = 0
+    for index, (state, p, g, config) in enumerate(zip(states, params, grads_arrays, configs)):
+        dtype = config.moments_dtype(p.dtype)
+        if state is not None:
+            if state.origin is not None:
+                _check_fit(state, p, dtype, config, paths[index])
+            if state.consecutive_skips > streak:
+                streak = state.consecutive_skips
+        moments.append(dtype)
+        choose.append(kernels.select(p.dtype, g.dtype, dtype))
+    streak += 1
     if in_place:
         _copy_overlapping(grads_arrays, params)
-    choose = [kernels.select(p.dtype, g.dtype, m) for p, g, m in zip(params, grads_arrays, moments)]
-    streak = max((s.consecutive_skips for s in states if s is not None), default=0) + 1
     # Every leaf is looked at: a bad gradient whose config raises wins over one whose skips.
     skip = False
     for index, (g, p, state, config) in enumerate(zip(grads_arrays, params, states, configs)):
@@ -178,6 +197,12 @@ def _coefficients(
 ) -> list[Coefficients]:
     """The scalars of each config and step count (in the wrapper, arrays may have taken
     different numbers of steps); a schedule may raise here, still before anything is written."""
+    first_config, first_state = configs[0] if configs else None, states[0] if states else None
+    if len(configs) > 1 and all(c is first_config for c in configs) and all(
+        s is first_state or (s is not None and first_state is not None and s.t is first_state.t)
+        for s in states
+    ):  # One config and one count (the pure update's common case): one set of scalars.
+        return _coefficients(states[:1], configs[:1], xp) * len(configs)
     cache: dict[tuple[int, Any], Coefficients] = {}
     coefficients = []
     for state, config in zip(states, configs):
@@ -253,6 +278,136 @@ def run(
             kernel(Inputs(p, g, state.m, state.v, state.v_max), c, Outputs(*out))
 
 
+#: Leaves of at most this many elements are stepped together by the pure update: gathered into
+#: one flat batch of at most `BATCH_SIZE` elements per dtype and config, on which the kernel runs
+#: once. A kernel call costs the same few microseconds whatever its length, so a tree of many
+#: small arrays pays it per batch, not per leaf.
+BATCH_LEAF = 1 << 13
+#: The largest batch: one block of the NumPy kernel, whose gathered inputs stay in cache.
+BATCH_SIZE = 1 << 15
+
+
+class Fresh(NamedTuple):
+    """What `run_fresh` returns: new arrays per leaf, and the flat buffers of each batch."""
+
+    p: list[np.ndarray]
+    m: list[np.ndarray]
+    v: list[np.ndarray]
+    v_max: list[np.ndarray | None]
+    #: For each batch of several leaves, its leaf indices and the flat (sealed) moment buffers
+    #: ``(m, v, v_max)`` whose views the leaves' moments are.
+    flats: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def batches(step: Step) -> list[tuple[int, ...]]:
+    """The leaves of a taken NumPy step in groups: one kernel call each.
+
+    Leaves of at most `BATCH_LEAF` elements whose parameters, gradients and moments share one
+    dtype, the one the step computes in, and whose scalars are the same go together, up to
+    `BATCH_SIZE` elements; every other leaf is a group of its own.
+    """
+    assert step.coefficients is not None
+    groups: list[list[int]] = []
+    open_groups: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
+    for index, (p, g, moments, c, kernel) in enumerate(
+        zip(step.params, step.grads, step.moments, step.coefficients, step.kernels)
+    ):
+        size = p.size
+        dtype = p.dtype
+        if (
+            size > BATCH_LEAF
+            or g.dtype != dtype
+            or moments != dtype
+            or kernels.work_dtype(dtype, moments) != dtype
+        ):
+            groups.append([index])
+            continue
+        key = (dtype, id(c), kernel)
+        found = open_groups.get(key)
+        if found is None or found[1][0] + size > BATCH_SIZE:
+            found = open_groups[key] = ([], [0])
+            groups.append(found[0])
+        found[0].append(index)
+        found[1][0] += size
+    return [tuple(group) for group in groups]
+
+
+def run_fresh(
+    step: Step,
+    states: Sequence[LeafState],
+    known: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+) -> Fresh:
+    """Runs a taken step into fresh arrays, batch by batch (`batches`).
+
+    A batch's parameters and gradients are gathered into scratch buffers, and so are its moments
+    unless ``known`` gives their flat buffers (those of the state the previous step made); its
+    results are flat buffers of which each leaf gets a view. The moments are sealed.
+    """
+    assert step.coefficients is not None
+    count = len(step.params)
+    new: list[list[Any]] = [[None] * count for _ in range(4)]
+    flats = {}
+    scratch: dict[np.dtype, list[np.ndarray]] = {}
+    with np.errstate(all="ignore"):
+        for group in batches(step):
+            first = group[0]
+            c = step.coefficients[first]
+            kernel = step.kernels[first]
+            if len(group) == 1:
+                p, state, dtype = step.params[first], states[first], step.moments[first]
+                out = Outputs(
+                    np.empty(p.shape, p.dtype),
+                    np.empty(p.shape, dtype),
+                    np.empty(p.shape, dtype),
+                    np.empty(p.shape, dtype) if c.amsgrad else None,
+                )
+                kernel(Inputs(p, step.grads[first], state.m, state.v, state.v_max), c, out)
+                for k, array in enumerate(out):
+                    new[k][first] = array if k == 0 or array is None else seal(array)
+                continue
+            dtype = step.params[first].dtype
+            stops = list(itertools.accumulate(step.params[i].size for i in group))
+            total = stops[-1]
+            buffers = scratch.get(dtype)
+            if buffers is None:
+                buffers = scratch[dtype] = []
+
+            def gathered(arrays: list[np.ndarray], slot: int) -> np.ndarray:
+                while len(buffers) <= slot:
+                    buffers.append(np.empty(BATCH_SIZE, dtype))
+                target = buffers[slot][:total]
+                np.concatenate([a.reshape(-1) for a in arrays], out=target)
+                return target
+
+            flat_p = gathered([step.params[i] for i in group], 0)
+            flat_g = gathered([step.grads[i] for i in group], 1)
+            moments = known.get(group)
+            if moments is None:
+                v_max = [states[i].v_max for i in group]
+                moments = (
+                    gathered([states[i].m for i in group], 2),
+                    gathered([states[i].v for i in group], 3),
+                    gathered(v_max, 4) if c.amsgrad else None,  # type: ignore[arg-type]
+                )
+            out = Outputs(
+                np.empty(total, dtype),
+                np.empty(total, dtype),
+                np.empty(total, dtype),
+                np.empty(total, dtype) if c.amsgrad else None,
+            )
+            kernel(Inputs(flat_p, flat_g, *moments), c, out)
+            sealed = [None if a is None else seal(a) for a in out[1:]]
+            flats[group] = (sealed[0], sealed[1], sealed[2])
+            start = 0
+            for index, stop in zip(group, stops):
+                shape = step.params[index].shape
+                for k, array in enumerate(out):
+                    if array is not None:
+                        new[k][index] = array[start:stop].reshape(shape)
+                start = stop
+    return Fresh(*new, flats)
+
+
 # -------------------------------------------------------------------------------------------------
 # Parameters and gradients.
 
@@ -279,7 +434,9 @@ def _check_params(params: list[np.ndarray], paths: LeafPaths, in_place: bool) ->
 
 def _as_grad(g: Any, p: np.ndarray, paths: LeafPaths, index: int) -> np.ndarray:
     """Returns gradient leaf ``g`` as a plain array after checking it against parameter ``p``."""
-    if isinstance(g, np.ndarray):
+    if type(g) is np.ndarray:
+        pass
+    elif isinstance(g, np.ndarray):
         g = plain(g)
     else:
         if isinstance(g, bool | np.bool_) or not isinstance(
@@ -321,7 +478,8 @@ def _overlaps_itself(a: np.ndarray) -> bool:
     Dimensions sorted by stride, each stride must step over all the elements of the smaller ones;
     that holds for every array NumPy makes without ``as_strided`` or broadcasting.
     """
-    if a.size <= 1:
+    flags = a.flags
+    if a.size <= 1 or flags.c_contiguous or flags.f_contiguous:
         return False
     extent = a.itemsize
     for stride, size in sorted((abs(d), s) for s, d in zip(a.shape, a.strides) if s > 1):
@@ -331,16 +489,63 @@ def _overlaps_itself(a: np.ndarray) -> bool:
     return False
 
 
+def _owner(a: np.ndarray) -> object | None:
+    """The object that owns the memory ``a`` views, as its references tell: an array that owns
+    its data, or a bytes-like object. None when they do not tell (memory reached through a
+    pointer, ``__array_interface__`` or ctypes), which may then be anyone's.
+
+    Memory that two owners own is two allocations, which never overlap.
+    """
+    node: Any = a
+    for _ in range(MAX_DEPTH):
+        if isinstance(node, np.ndarray):
+            base = node.base
+            if base is None:
+                return node if node.flags.owndata else None
+            node = base
+        elif isinstance(node, memoryview):
+            node = node.obj
+        elif isinstance(node, bytes | bytearray | mmap.mmap | array.array):
+            return node
+        else:
+            return None
+    return None
+
+
+def _candidates(arrays: Sequence[np.ndarray], first_group: int | None) -> list[int]:
+    """The arrays that may share memory with another: those whose owner has another array in
+    ``arrays`` (for ``first_group``, on the other side of it), and every array when an owner is
+    unknown. In the common case, fresh arrays each with its own memory, none."""
+    groups: dict[int, list[int]] = {}
+    for index, a in enumerate(arrays):
+        owner = _owner(a)
+        if owner is None:
+            return list(range(len(arrays)))
+        groups.setdefault(id(owner), []).append(index)
+    candidates = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        if first_group is not None and not members[0] < first_group <= members[-1]:
+            continue
+        candidates.extend(members)
+    return candidates
+
+
 def _overlapping_pairs(
     arrays: Sequence[np.ndarray], first_group: int | None = None
 ) -> list[tuple[int, int]]:
     """The pairs ``(i, j)``, ``i < j``, of arrays that share memory.
 
-    Sorted by their first byte, only arrays whose byte ranges intersect are compared: n log n
-    for arrays that lie apart, as parameters do, whatever objects own their memory. With
-    ``first_group``, only pairs with ``i < first_group <= j`` are looked for.
+    Only arrays that may (`_candidates`) are compared. Sorted by their first byte, only those
+    whose byte ranges intersect are: n log n for arrays that lie apart, as parameters do,
+    whatever objects own their memory. With ``first_group``, only pairs with
+    ``i < first_group <= j`` are looked for.
     """
-    spans = sorted((*_bounds(a), index) for index, a in enumerate(arrays) if a.size > 0)
+    candidates = _candidates(arrays, first_group)
+    spans = sorted(
+        (*_bounds(arrays[index]), index) for index in candidates if arrays[index].size > 0
+    )
     pairs = []
     open_spans: list[tuple[int, int]] = []  # (end, index) of spans that may reach further
     for low, high, index in spans:

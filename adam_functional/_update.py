@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
@@ -15,6 +16,7 @@ from adam_functional import _tree
 from adam_functional._namespaces import is_foreign, namespace
 from adam_functional._records import AdamConfig, AdamState, ConfigTree, register_with_jax, seal
 from adam_functional._step import (
+    Fresh,
     LeafState,
     Step,
     configs_for,
@@ -22,8 +24,8 @@ from adam_functional._step import (
     one_library,
     plain,
     prepare_step,
-    run,
     run_array_api,
+    run_fresh,
 )
 from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
 
@@ -185,7 +187,9 @@ def adam_update(
     _require(state, AdamState, "state")
     leaves, treedef = _tree.flatten(params, "params")
     configs = configs_for(config, treedef)
-    one_library(leaves, LeafPaths(treedef, "params"))
+    numpy_only = all(type(p) is np.ndarray for p in leaves)
+    if not numpy_only:
+        one_library(leaves, LeafPaths(treedef, "params"))
     states = _leaf_states(state, leaves, treedef, configs)
     step = prepare_step(leaves, treedef, grads, states, configs, in_place=False)
     if step.xp is not None:
@@ -194,27 +198,50 @@ def adam_update(
         copies = [np.array(p, copy=True) for p in step.params]
         skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
         return _tree.unflatten(treedef, copies), skipped
-    outputs = [
-        (
-            np.empty(p.shape, p.dtype),
-            np.empty(p.shape, dtype),
-            np.empty(p.shape, dtype),
-            np.empty(p.shape, dtype) if c.amsgrad else None,
-        )
-        for p, dtype, c in zip(step.params, step.moments, configs)
-    ]
-    run(step, states, outputs)
-    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
-    return _tree.unflatten(treedef, new_p), AdamState(
-        _tree.unflatten(treedef, [seal(m) for m in new_m]),
-        _tree.unflatten(treedef, [seal(v) for v in new_v]),
+    fresh = run_fresh(step, states, _known_flats(state, states))
+    unflatten = _tree.unflatten
+    new_state = AdamState._of_checked(
+        unflatten(treedef, fresh.m),
+        unflatten(treedef, fresh.v),
         state.t + 1,
-        _tree.unflatten(treedef, [None if x is None else seal(x) for x in new_vm])
-        if state.v_max is not None
-        else None,
+        unflatten(treedef, fresh.v_max) if state.v_max is not None else None,
         state.skipped,
         0,
     )
+    if fresh.flats:
+        _remember_flats(new_state, fresh)
+    return unflatten(treedef, fresh.p), new_state
+
+
+# The flat buffers behind the moments of states that `adam_update` made, by id() of the state, so
+# that the next step over the same batches reads them as they are instead of gathering them.
+# Each entry holds the leaves it was made for, to tell whether the state's trees still hold them
+# (their containers are plain dicts and lists), and lives as long as its state.
+_FLATS: dict[int, tuple[weakref.ref[AdamState], tuple[Any, ...], Any]] = {}
+
+
+def _remember_flats(state: AdamState, fresh: Fresh) -> None:
+    key = id(state)
+    leaves = (*fresh.m, *fresh.v, *fresh.v_max)
+    _FLATS[key] = (weakref.ref(state, lambda _: _FLATS.pop(key, None)), leaves, fresh.flats)
+
+
+def _known_flats(state: AdamState, states: list[LeafState]) -> Any:
+    entry = _FLATS.get(id(state))
+    if entry is None or entry[0]() is not state:
+        return {}
+    _, leaves, flats = entry
+    count = len(states)
+    if len(leaves) != 3 * count:
+        return {}
+    for index, leaf_state in enumerate(states):
+        if (
+            leaf_state.m is not leaves[index]
+            or leaf_state.v is not leaves[count + index]
+            or leaf_state.v_max is not leaves[2 * count + index]
+        ):
+            return {}
+    return flats
 
 
 def _leaf_states(
@@ -233,7 +260,6 @@ def _leaf_states(
         v_max: list[Any] = [None] * len(leaves)
     else:
         v_max = _tree.flatten_like(state.v_max, treedef, "state.v_max")
-    moment_paths = {name: LeafPaths(treedef, f"state.{name}") for name in ("m", "v", "v_max")}
     wanted = {config.amsgrad for config in configs}
     if len(wanted) == 1 and wanted != {state.v_max is not None}:  # The whole tree, one way.
         amsgrad = wanted.pop()
@@ -244,13 +270,13 @@ def _leaf_states(
         )
     for index, (p, config) in enumerate(zip(leaves, configs)):
         if config.amsgrad != (v_max[index] is not None):
-            where = moment_paths["v_max"][index] if state.v_max is not None else "state.v_max"
+            where = LeafPaths(treedef, "state.v_max")[index] if state.v_max is not None else "state.v_max"
             raise ValueError(
                 f"{where}: expected {'an array' if config.amsgrad else 'None'} with "
                 f"amsgrad={config.amsgrad}, got {'None' if v_max[index] is None else 'an array'}; "
                 "make the state with adam_init(params, config)"
             )
-        if is_foreign(p):
+        if type(p) is not np.ndarray and is_foreign(p):
             xp = namespace(p, "params")
             if not xp.isdtype(p.dtype, "real floating"):
                 continue  # The step reports a parameter of the wrong dtype, in its own words.
@@ -261,9 +287,11 @@ def _leaf_states(
                 continue
             expected = config.moments_dtype(p_dtype)
         for name, x in (("m", m[index]), ("v", v[index]), ("v_max", v_max[index])):
-            if x is not None and (tuple(x.shape) != tuple(p.shape) or x.dtype != expected):
+            if x is not None and (x.shape != p.shape or x.dtype != expected) and (
+                tuple(x.shape) != tuple(p.shape) or x.dtype != expected
+            ):
                 raise ValueError(
-                    f"{moment_paths[name][index]}: expected dtype {expected} and shape {p.shape} "
+                    f"{LeafPaths(treedef, 'state.' + name)[index]}: expected dtype {expected} and shape {p.shape} "
                     f"like params, got dtype {x.dtype} and shape {x.shape}; "
                     f"{_mismatch_hint(x.dtype, p_dtype, expected)}"
                 )

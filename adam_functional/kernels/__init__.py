@@ -186,6 +186,8 @@ class _Backend(NamedTuple):
 
 _active: _Backend | None = None
 _reference: _Backend | None = None
+# The kernel chosen for each (parameter, gradient, moment) dtype triple under the active backend.
+_selected: dict[tuple[np.dtype, np.dtype, np.dtype], Kernel] = {}
 
 
 def _load(name: str) -> _Backend:
@@ -220,6 +222,7 @@ def _choose() -> _Backend:
 def _resolve() -> _Backend:
     global _active, _reference
     if _active is None:
+        _selected.clear()
         _active = _choose()
         _reference = _active if _active.name == REFERENCE else _load(REFERENCE)
     return _active
@@ -232,11 +235,16 @@ def select(p: np.dtype, g: np.dtype, moments: np.dtype) -> Kernel:
     The first call chooses the backend (reading the environment, which may raise), so the step
     calls this before it writes anything.
     """
-    active = _resolve()
-    if active.supports(p, g, moments):
-        return active.adam_leaf
-    assert _reference is not None
-    return _reference.adam_leaf
+    if _active is None:
+        _resolve()
+    key = (p, g, moments)
+    kernel = _selected.get(key)
+    if kernel is None:
+        active = _resolve()
+        assert _reference is not None
+        kernel = active.adam_leaf if active.supports(p, g, moments) else _reference.adam_leaf
+        _selected[key] = kernel
+    return kernel
 
 
 def backend() -> str:
@@ -270,7 +278,9 @@ def use_backend(name: str) -> Iterator[None]:
     before = _active, _reference
     _active = _load(name)
     _reference = _active if name == REFERENCE else _load(REFERENCE)
+    _selected.clear()
     try:
         yield
     finally:
         _active, _reference = before
+        _selected.clear()

@@ -12,13 +12,14 @@ notebook's class to rounding, a few ulps of the update. float16 is computed in f
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, work_dtype, write_back
 
-__all__ = ["BLOCK_SIZE", "adam_leaf", "fold", "supports"]
+__all__ = ["BLOCK_SIZE", "SCALAR_SIZE", "adam_leaf", "fold", "scalar", "scalar_fits", "supports"]
 
 #: Elements per block. A block makes a dozen NumPy calls of about a microsecond each, whatever
 #: its length; at 32768 elements that overhead is small next to the arithmetic, and the block's
@@ -26,6 +27,14 @@ __all__ = ["BLOCK_SIZE", "adam_leaf", "fold", "supports"]
 #: 4e6 float64 elements, in place, 8192 took 1.25 times as long; the temporaries, 256 KiB each in
 #: float64, are all a step allocates beyond its outputs.
 BLOCK_SIZE = 32768
+
+
+#: float64 arrays of at most this many elements are computed element by element in Python
+#: floats (`scalar`), whose operations round exactly as NumPy's float64 ones: at this size one
+#: NumPy call costs more than the arithmetic of all the elements, and a step makes a dozen.
+SCALAR_SIZE = 16
+
+_FLOAT64 = np.dtype(np.float64)
 
 
 def supports(p: np.dtype, g: np.dtype, moments: np.dtype) -> bool:
@@ -39,6 +48,9 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
     See `Kernel` for what the arrays may be. The operations are those of ``docs/algorithm.md``, in
     its order; `_block` spells them out.
     """
+    if x.p.size <= SCALAR_SIZE and scalar_fits(x, out):
+        scalar(x, c, out)
+        return
     work = work_dtype(x.p.dtype, x.m.dtype)
     transform_g = x.g.dtype != work or c.maximize or c.l2 != 0.0
     if x.p.size <= BLOCK_SIZE and x.p.dtype == work and x.m.dtype == work:
@@ -199,3 +211,63 @@ def fold(c: Any) -> tuple[Any, Any, Any, Any]:
     else:
         step_m, step_g = c.lr * root_bc2 / c.bias_correction1, None
     return step_m, step_g, c.eps * root_bc2, c.eps_root * c.bias_correction2
+
+
+def scalar_fits(x: Inputs, out: Outputs) -> bool:
+    """Whether `scalar` computes this step: every array float64, as Python floats are (the
+    moments and the outputs have the dtype of ``m`` or ``p``)."""
+    return x.p.dtype == _FLOAT64 and x.g.dtype == _FLOAT64 and x.m.dtype == _FLOAT64
+
+
+def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
+    """`adam_leaf` for a few float64 elements, in Python floats: the operations of `_block` in
+    its order, each rounded as NumPy rounds it, so the results are the same bit for bit.
+
+    Python raises where NumPy gives inf or NaN (a division by zero, the square root of a
+    negative number); those cases are spelled out.
+    """
+    step_m, step_g, eps, eps_root = fold(c)
+    beta1, one_minus_beta1 = c.beta1, c.one_minus_beta1
+    beta2, one_minus_beta2 = c.beta2, c.one_minus_beta2
+    l2, decay, maximize, amsgrad = c.l2, c.decay, c.maximize, c.amsgrad
+    ps, gs, ms, vs = (a.ravel().tolist() for a in x[:4])
+    v_maxes = x.v_max.ravel().tolist() if amsgrad and x.v_max is not None else None
+    new_p, new_m, new_v, new_v_max = [], [], [], []
+    sqrt = math.sqrt
+    for i, g in enumerate(gs):
+        p = ps[i]
+        if maximize:
+            g = -g
+        if l2 != 0.0:
+            g = g + p * l2
+        if decay is not None:
+            p = p * decay
+        m = ms[i] * beta1 + g * one_minus_beta1
+        v = vs[i] * beta2 + (g * g) * one_minus_beta2
+        second = v
+        if v_maxes is not None:
+            # np.maximum(v_max, v): NaN wins on either side, a tie gives v_max.
+            second = v_maxes[i]
+            if second < v or v != v:
+                second = v
+            new_v_max.append(second)
+        step = m * step_m
+        if step_g is not None:
+            step = step + g * step_g
+        if eps_root != 0.0:
+            second = second + eps_root
+        denominator = (sqrt(second) if second >= 0.0 else math.nan) + eps
+        if denominator != 0.0:
+            step = step / denominator
+        elif step != step or step == 0.0:
+            step = math.nan
+        else:
+            step = math.copysign(math.inf, step) * math.copysign(1.0, denominator)
+        new_p.append(p - step)
+        new_m.append(m)
+        new_v.append(v)
+    out.p.flat = new_p
+    out.m.flat = new_m
+    out.v.flat = new_v
+    if out.v_max is not None:
+        out.v_max.flat = new_v_max
