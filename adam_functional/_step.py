@@ -43,6 +43,7 @@ __all__ = [
     "moments_dtype",
     "one_library",
     "plain",
+    "prepare_one",
     "prepare_step",
     "run",
     "run_array_api",
@@ -192,15 +193,57 @@ def prepare_step(
     return Step(params, grads_arrays, _coefficients(states, configs), choose, moments, 0)
 
 
+def prepare_one(
+    p: Any, g: Any, state: LeafState | None, config: AdamConfig, *, in_place: bool
+) -> Step | None:
+    """`prepare_step` for one NumPy array in the common case, in one pass: a step taken, with
+    gradients and moments of the parameter's dtype and shape, no AMSGrad, and nothing shared.
+
+    Returns None unless every check of `prepare_step` plainly passes (then `prepare_step` says
+    what is wrong, or handles the rarer case): it raises nothing of its own.
+    """
+    if (
+        type(p) is not np.ndarray
+        or type(g) is not np.ndarray
+        or config.amsgrad
+        or g.shape != p.shape
+        or g.dtype != p.dtype
+        or p.dtype.kind != "f"
+    ):
+        return None
+    moments = config.moments_dtype(p.dtype)
+    if state is not None and (
+        state.m.shape != p.shape
+        or state.m.dtype != moments
+        or state.v_max is not None
+        or state.consecutive_skips
+    ):
+        return None
+    if in_place:
+        flags = p.flags
+        owner = _owner(p)
+        if not (flags.writeable and flags.c_contiguous) or owner is None or owner is _owner(g):
+            return None
+    if config.nonfinite != "propagate" and _gradient_problem(g, p, moments, state, config):
+        return None
+    kernel = kernels.select(p.dtype, g.dtype, moments)
+    c = kernels.coefficients(config, 1 if state is None else state.t + 1)
+    return Step([p], [g], [c], [kernel], [moments], 0)
+
+
 def _coefficients(
     states: Sequence[LeafState | None], configs: Sequence[AdamConfig], xp: Any = None
 ) -> list[Coefficients]:
     """The scalars of each config and step count (in the wrapper, arrays may have taken
     different numbers of steps); a schedule may raise here, still before anything is written."""
     first_config, first_state = configs[0] if configs else None, states[0] if states else None
-    if len(configs) > 1 and all(c is first_config for c in configs) and all(
-        s is first_state or (s is not None and first_state is not None and s.t is first_state.t)
-        for s in states
+    if (
+        len(configs) > 1
+        and all(c is first_config for c in configs)
+        and all(
+            s is first_state or (s is not None and first_state is not None and s.t is first_state.t)
+            for s in states
+        )
     ):  # One config and one count (the pure update's common case): one set of scalars.
         return _coefficients(states[:1], configs[:1], xp) * len(configs)
     cache: dict[tuple[int, Any], Coefficients] = {}
@@ -283,8 +326,8 @@ def run(
 #: once. A kernel call costs the same few microseconds whatever its length, so a tree of many
 #: small arrays pays it per batch, not per leaf.
 BATCH_LEAF = 1 << 13
-#: The largest batch: one block of the NumPy kernel, whose gathered inputs stay in cache.
-BATCH_SIZE = 1 << 15
+#: The largest batch: half a block of the NumPy kernel, whose gathered inputs stay in cache.
+BATCH_SIZE = 1 << 14
 
 
 class Fresh(NamedTuple):
@@ -294,9 +337,9 @@ class Fresh(NamedTuple):
     m: list[np.ndarray]
     v: list[np.ndarray]
     v_max: list[np.ndarray | None]
-    #: For each batch of several leaves, its leaf indices and the flat (sealed) moment buffers
-    #: ``(m, v, v_max)`` whose views the leaves' moments are.
-    flats: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    #: For each batch of several leaves, by its leaf indices: the flat buffers ``(p, m, v,
+    #: v_max)`` whose views the leaves' new values are (the moments' sealed).
+    flats: dict[tuple[int, ...], tuple[np.ndarray | None, ...]]
 
 
 def batches(step: Step) -> list[tuple[int, ...]]:
@@ -335,19 +378,19 @@ def batches(step: Step) -> list[tuple[int, ...]]:
 def run_fresh(
     step: Step,
     states: Sequence[LeafState],
-    known: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+    known: dict[tuple[int, ...], tuple[Any, ...]],
 ) -> Fresh:
     """Runs a taken step into fresh arrays, batch by batch (`batches`).
 
-    A batch's parameters and gradients are gathered into scratch buffers, and so are its moments
-    unless ``known`` gives their flat buffers (those of the state the previous step made); its
-    results are flat buffers of which each leaf gets a view. The moments are sealed.
+    A batch's gradients are gathered into a scratch buffer, and so are its parameters and
+    moments unless ``known`` gives their flat buffers ``(p or None, m, v, v_max)`` (those the
+    previous step made); its results are flat buffers of which each leaf gets a view. The
+    moments are sealed.
     """
     assert step.coefficients is not None
     count = len(step.params)
     new: list[list[Any]] = [[None] * count for _ in range(4)]
-    flats = {}
-    scratch: dict[np.dtype, list[np.ndarray]] = {}
+    made = {}
     with np.errstate(all="ignore"):
         for group in batches(step):
             first = group[0]
@@ -368,20 +411,20 @@ def run_fresh(
             dtype = step.params[first].dtype
             stops = list(itertools.accumulate(step.params[i].size for i in group))
             total = stops[-1]
-            buffers = scratch.get(dtype)
-            if buffers is None:
-                buffers = scratch[dtype] = []
 
-            def gathered(arrays: list[np.ndarray], slot: int) -> np.ndarray:
-                while len(buffers) <= slot:
-                    buffers.append(np.empty(BATCH_SIZE, dtype))
-                target = buffers[slot][:total]
+            def gathered(
+                arrays: list[np.ndarray], slot: int, total: int = total, dtype: Any = dtype
+            ) -> np.ndarray:
+                target = kernels.scratch(f"gather{slot}", total, dtype)
                 np.concatenate([a.reshape(-1) for a in arrays], out=target)
                 return target
 
-            flat_p = gathered([step.params[i] for i in group], 0)
+            flats = known.get(group)
+            flat_p = None if flats is None else flats[0]
+            if flat_p is None:
+                flat_p = gathered([step.params[i] for i in group], 0)
             flat_g = gathered([step.grads[i] for i in group], 1)
-            moments = known.get(group)
+            moments = None if flats is None else flats[1:]
             if moments is None:
                 v_max = [states[i].v_max for i in group]
                 moments = (
@@ -396,8 +439,7 @@ def run_fresh(
                 np.empty(total, dtype) if c.amsgrad else None,
             )
             kernel(Inputs(flat_p, flat_g, *moments), c, out)
-            sealed = [None if a is None else seal(a) for a in out[1:]]
-            flats[group] = (sealed[0], sealed[1], sealed[2])
+            made[group] = (out.p, *(None if a is None else seal(a) for a in out[1:]))
             start = 0
             for index, stop in zip(group, stops):
                 shape = step.params[index].shape
@@ -405,7 +447,7 @@ def run_fresh(
                     if array is not None:
                         new[k][index] = array[start:stop].reshape(shape)
                 start = stop
-    return Fresh(*new, flats)
+    return Fresh(new[0], new[1], new[2], new[3], made)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -543,6 +585,8 @@ def _overlapping_pairs(
     ``i < first_group <= j`` are looked for.
     """
     candidates = _candidates(arrays, first_group)
+    if not candidates:
+        return []
     spans = sorted(
         (*_bounds(arrays[index]), index) for index in candidates if arrays[index].size > 0
     )
@@ -568,6 +612,8 @@ def _shares(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _refuse_overlaps(params: list[np.ndarray], paths: LeafPaths) -> None:
+    if len(params) < 2:
+        return
     pairs = _overlapping_pairs(params)
     if pairs:
         first, second = min(pairs, key=lambda pair: (pair[1], pair[0]))

@@ -144,8 +144,18 @@ def flatten(
     """
     if type(tree) is np.ndarray:  # The common case, one array: no recursion, no bookkeeping.
         return [tree], None
+    # A tree is most often shaped like the last one flattened under its name (a training loop's
+    # params): the compiled walk of that structure checks it and takes its leaves.
+    hint = _last_flattened.get((root, none_leaves))
+    if hint is not None:
+        walks = _walks(hint)
+        if walks is not None:
+            found = walks.exact(tree)
+            if found is not None:
+                return found, hint
     leaves: list[np.ndarray] = []
-    treedef = _flatten_into(tree, leaves, root, leaf, [], none_leaves)
+    treedef = _canonical(_flatten_into(tree, leaves, root, leaf, [], none_leaves))
+    _last_flattened[(root, none_leaves)] = treedef
     return leaves, treedef
 
 
@@ -204,6 +214,11 @@ def _flatten_into(
 
 def unflatten(treedef: TreeDef, leaves: Iterator[Any] | Sequence[Any]) -> Any:
     """Rebuilds a tree of the shape ``treedef`` from ``leaves`` in flatten order."""
+    if treedef is None and isinstance(leaves, list):
+        return leaves[0]
+    walks = _walks(treedef)
+    if walks is not None and isinstance(leaves, list):
+        return walks.build(leaves)
     iterator = iter(leaves)
     return _unflatten_from(treedef, iterator)
 
@@ -239,6 +254,11 @@ def flatten_like(tree: Any, treedef: TreeDef, root: str, like: str = "params") -
     """
     if treedef is None and type(tree) is np.ndarray:
         return [tree]
+    walks = _walks(treedef)
+    if walks is not None:
+        found = walks.like(tree)
+        if found is not None:
+            return found
     leaves: list[Any] = []
     _flatten_like_into(tree, treedef, leaves, root, like, [])
     return leaves
@@ -349,6 +369,9 @@ def leaf_count(treedef: TreeDef) -> int:
     """How many leaves a tree of the structure ``treedef`` has."""
     if treedef is None:
         return 1
+    walks = _walks(treedef)
+    if walks is not None:
+        return walks.size
     return sum(leaf_count(child) for child in treedef[2])
 
 
@@ -407,3 +430,145 @@ def tree_map(function: Callable[..., Any], tree: Any, *rest: Any) -> Any:
     leaves, treedef = flatten(tree, "tree")
     others = [flatten_like(other, treedef, f"rest[{i}]", "tree") for i, other in enumerate(rest)]
     return unflatten(treedef, [function(*args) for args in zip(leaves, *others)])
+
+
+# -------------------------------------------------------------------------------------------------
+# Walks compiled for one structure. A tree of dicts, lists, tuples and namedtuples is walked by a
+# function generated for its structure: straight-line code that checks each container's type and
+# size and reads its items, then checks that each leaf is a NumPy array. It returns None at the
+# first difference, and the general walk above then takes over (and names the path in its error).
+# Equal structures share one `TreeDef` object (`_canonical`), by whose id() the walks are found.
+
+
+class _Walks(NamedTuple):
+    #: The leaves of a tree of exactly this structure, dict keys in order, all NumPy arrays.
+    exact: Callable[[Any], list[Any] | None]
+    #: The same, dict keys in any order (`flatten_like`).
+    like: Callable[[Any], list[Any] | None]
+    #: `unflatten` of a list of leaves.
+    build: Callable[[list[Any]], Any]
+    #: How many leaves.
+    size: int
+
+
+#: Structures with more nodes, or more levels, are walked by the general code only.
+_COMPILE_NODES = 4096
+_COMPILE_DEPTH = 48
+_CANONICAL: dict[TreeDef, TreeDef] = {}
+_WALKS: dict[int, tuple[TreeDef, _Walks | None]] = {}
+_last_flattened: dict[tuple[str, bool], TreeDef] = {}
+_CACHE_SIZE = 256
+
+
+class _NotCompiled(Exception):
+    pass
+
+
+def _canonical(treedef: TreeDef) -> TreeDef:
+    """The one `TreeDef` object of this structure (``treedef`` itself when it is the first, or
+    cannot be hashed)."""
+    if treedef is None:
+        return None
+    try:
+        found = _CANONICAL.get(treedef)
+    except TypeError:  # A record node holding an array.
+        return treedef
+    if found is not None:
+        return found
+    if len(_CANONICAL) >= _CACHE_SIZE:
+        del _CANONICAL[next(iter(_CANONICAL))]
+    _CANONICAL[treedef] = treedef
+    return treedef
+
+
+def _walks(treedef: TreeDef) -> _Walks | None:
+    if treedef is None:
+        return None
+    entry = _WALKS.get(id(treedef))
+    if entry is not None and entry[0] is treedef:
+        return entry[1]
+    try:
+        walks: _Walks | None = _compile(treedef)
+    except _NotCompiled:
+        walks = None
+    if len(_WALKS) >= _CACHE_SIZE:
+        del _WALKS[next(iter(_WALKS))]
+    _WALKS[id(treedef)] = (treedef, walks)  # Holding treedef keeps its id() its own.
+    return walks
+
+
+def _compile(treedef: TreeDef) -> _Walks:
+    constants: list[Any] = [np.ndarray]
+    reads: list[tuple[str, str, str]] = []  # (variable, expression, check), in walk order
+    order: dict[str, str] = {}  # the keys, in order, of each mapping (for the exact walk)
+    leaves: list[str] = []
+
+    def constant(value: Any) -> str:
+        constants.append(value)
+        return f"C[{len(constants) - 1}]"
+
+    def walk(node: TreeDef, expression: str, depth: int) -> str:
+        if depth > _COMPILE_DEPTH or len(reads) + len(leaves) > _COMPILE_NODES:
+            raise _NotCompiled
+        if node is None:
+            name = f"x{len(leaves)}"
+            reads.append((name, expression, ""))
+            leaves.append(name)
+            return f"L[{len(leaves) - 1}]"
+        kind, keys, children = node
+        if isinstance(keys, _RecordKeys):
+            raise _NotCompiled
+        name = f"n{len(reads)}"
+        reads.append(
+            (
+                name,
+                expression,
+                f"type({name}) is not {constant(kind)} or len({name}) != {len(children)}",
+            )
+        )
+        if keys is not None:
+            order[name] = constant(keys)
+            items = [
+                (constant(key), walk(child, f"{name}[{constant(key)}]", depth + 1))
+                for key, child in zip(keys, children)
+            ]
+            if kind is dict:
+                return "{" + ", ".join(f"{key}: {value}" for key, value in items) + "}"
+            pairs = ", ".join(f"({key}, {value})" for key, value in items)
+            return f"{constant(kind)}([{pairs}])"
+        values = [
+            walk(child, f"{name}[{index}]", depth + 1) for index, child in enumerate(children)
+        ]
+        if kind is list:
+            return "[" + ", ".join(values) + "]"
+        if kind is tuple:
+            return "(" + "".join(f"{value}, " for value in values) + ")"
+        return f"{constant(kind)}({', '.join(values)})"
+
+    built = walk(treedef, "tree", 0)
+
+    def function(name: str, exact: bool) -> str:
+        lines = [f"def {name}(tree):", "    try:"]
+        for variable, expression, check in reads:
+            lines.append(f"        {variable} = {expression}")
+            if check:
+                lines.append(f"        if {check}: return None")
+            if exact and variable in order:
+                lines.append(f"        if tuple({variable}) != {order[variable]}: return None")
+        lines += [
+            "    except (KeyError, IndexError, TypeError):",
+            "        return None",
+            f"    leaves = [{', '.join(leaves)}]",
+            "    for leaf in leaves:",
+            "        if type(leaf) is not C[0]:",
+            "            return None",
+            "    return leaves",
+        ]
+        return "\n".join(lines)
+
+    source = "\n\n".join(
+        (function("exact", True), function("like", False), f"def build(L):\n    return {built}")
+    )
+    namespace: dict[str, Any] = {"C": tuple(constants)}
+    exec(compile(source, f"<tree walk of {len(leaves)} leaves>", "exec"), namespace)
+    return _Walks(namespace["exact"], namespace["like"], namespace["build"], len(leaves))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any
 
@@ -23,11 +24,13 @@ from adam_functional._step import (
     moments_dtype,
     one_library,
     plain,
+    prepare_one,
     prepare_step,
     run_array_api,
     run_fresh,
 )
 from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
+from adam_functional.kernels import Inputs, Outputs
 
 __all__ = ["adam_init", "adam_update"]
 
@@ -185,12 +188,20 @@ def adam_update(
       https://arxiv.org/abs/1412.6980
     """
     _require(state, AdamState, "state")
+    if type(params) is np.ndarray and type(config) is AdamConfig and type(state.m) is np.ndarray:
+        one = _update_one(params, grads, state, config)
+        if one is not None:
+            return one
     leaves, treedef = _tree.flatten(params, "params")
     configs = configs_for(config, treedef)
     numpy_only = all(type(p) is np.ndarray for p in leaves)
     if not numpy_only:
         one_library(leaves, LeafPaths(treedef, "params"))
-    states = _leaf_states(state, leaves, treedef, configs)
+    made = _made.get(id(state))
+    states = made.leaf_states(state, leaves, treedef, configs) if made is not None else None
+    if states is None:
+        made = None
+        states = _leaf_states(state, leaves, treedef, configs)
     step = prepare_step(leaves, treedef, grads, states, configs, in_place=False)
     if step.xp is not None:
         return _update_array_api(step, states, state, treedef)
@@ -198,7 +209,7 @@ def adam_update(
         copies = [np.array(p, copy=True) for p in step.params]
         skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
         return _tree.unflatten(treedef, copies), skipped
-    fresh = run_fresh(step, states, _known_flats(state, states))
+    fresh = run_fresh(step, states, {} if made is None else made.known(step.params))
     unflatten = _tree.unflatten
     new_state = AdamState._of_checked(
         unflatten(treedef, fresh.m),
@@ -208,40 +219,117 @@ def adam_update(
         state.skipped,
         0,
     )
-    if fresh.flats:
-        _remember_flats(new_state, fresh)
+    if numpy_only:
+        _Made.remember(new_state, treedef, configs, step, fresh)
     return unflatten(treedef, fresh.p), new_state
 
 
-# The flat buffers behind the moments of states that `adam_update` made, by id() of the state, so
-# that the next step over the same batches reads them as they are instead of gathering them.
-# Each entry holds the leaves it was made for, to tell whether the state's trees still hold them
-# (their containers are plain dicts and lists), and lives as long as its state.
-_FLATS: dict[int, tuple[weakref.ref[AdamState], tuple[Any, ...], Any]] = {}
+def _update_one(
+    p: np.ndarray, g: Any, state: AdamState, config: AdamConfig
+) -> tuple[np.ndarray, AdamState] | None:
+    """`adam_update` of one NumPy array in the common case (`prepare_one`); None otherwise."""
+    m, v = state.m, state.v
+    if type(v) is not np.ndarray or v.shape != m.shape or v.dtype != m.dtype:
+        return None
+    leaf = LeafState(m, v, state.v_max, state.t, state.consecutive_skips, None)
+    step = prepare_one(p, g, leaf, config, in_place=False)
+    if step is None:
+        return None
+    assert step.coefficients is not None
+    out = Outputs(
+        np.empty(p.shape, p.dtype), np.empty(m.shape, m.dtype), np.empty(m.shape, m.dtype), None
+    )
+    with np.errstate(all="ignore"):
+        step.kernels[0](Inputs(p, g, m, v, None), step.coefficients[0], out)
+    new_state = AdamState._of_checked(seal(out.m), seal(out.v), state.t + 1, None, state.skipped, 0)
+    return out.p, new_state
 
 
-def _remember_flats(state: AdamState, fresh: Fresh) -> None:
-    key = id(state)
-    leaves = (*fresh.m, *fresh.v, *fresh.v_max)
-    _FLATS[key] = (weakref.ref(state, lambda _: _FLATS.pop(key, None)), leaves, fresh.flats)
+class _Made:
+    """What `adam_update` knows of a state it made, while the state lives.
 
+    The next step over it can then skip the checks that the state fits its parameters (they
+    passed for parameters of the same structure, shapes, dtypes and configs), and read each
+    batch's moments, and parameters that are still the views it returned, from their flat
+    buffers instead of gathering them. The state's trees are plain dicts and lists that anyone
+    can change, so the leaves are compared, by identity, at every use.
+    """
 
-def _known_flats(state: AdamState, states: list[LeafState]) -> Any:
-    entry = _FLATS.get(id(state))
-    if entry is None or entry[0]() is not state:
-        return {}
-    _, leaves, flats = entry
-    count = len(states)
-    if len(leaves) != 3 * count:
-        return {}
-    for index, leaf_state in enumerate(states):
-        if (
-            leaf_state.m is not leaves[index]
-            or leaf_state.v is not leaves[count + index]
-            or leaf_state.v_max is not leaves[2 * count + index]
+    __slots__ = ("configs", "dtypes", "flats", "leaves", "params", "ref", "shapes", "treedef")
+
+    def __init__(
+        self,
+        state: AdamState,
+        treedef: TreeDef,
+        configs: list[AdamConfig],
+        step: Step,
+        fresh: Fresh,
+    ) -> None:
+        key = id(state)
+        self.ref = weakref.ref(state, lambda _: _made.pop(key, None))
+        self.treedef = treedef
+        self.configs = configs
+        self.shapes = [p.shape for p in step.params]
+        self.dtypes = [p.dtype for p in step.params]
+        self.leaves = (*fresh.m, *fresh.v, *fresh.v_max)
+        self.flats = fresh.flats
+        # Weakly: the parameters belong to the caller, who may drop them before the state.
+        self.params = {
+            group: (weakref.ref(flat[0]), [weakref.ref(fresh.p[i]) for i in group])
+            for group, flat in fresh.flats.items()
+        }
+
+    @classmethod
+    def remember(
+        cls, state: AdamState, treedef: TreeDef, configs: list[AdamConfig], step: Step, fresh: Fresh
+    ) -> None:
+        _made[id(state)] = cls(state, treedef, configs, step, fresh)
+
+    def leaf_states(
+        self, state: AdamState, leaves: list[Any], treedef: TreeDef, configs: list[AdamConfig]
+    ) -> list[LeafState] | None:
+        """The state leaf by leaf when it is the one made, for parameters like those it was made
+        for; else None (and `_leaf_states` checks it)."""
+        if self.ref() is not state or treedef is not self.treedef:
+            return None
+        if len(configs) != len(self.configs) or any(
+            a is not b for a, b in zip(configs, self.configs)
         ):
-            return {}
-    return flats
+            return None
+        for p, shape, dtype in zip(leaves, self.shapes, self.dtypes):
+            if type(p) is not np.ndarray or p.shape != shape or p.dtype != dtype:
+                return None
+        count = len(leaves)
+        m = _tree.flatten_like(state.m, treedef, "state.m")
+        v = _tree.flatten_like(state.v, treedef, "state.v")
+        v_max = (
+            [None] * count
+            if state.v_max is None
+            else _tree.flatten_like(state.v_max, treedef, "state.v_max")
+        )
+        made = self.leaves
+        if len(made) != 3 * count or any(
+            a is not b for a, b in zip(made, itertools.chain(m, v, v_max))
+        ):
+            return None
+        t, streak = state.t, state.consecutive_skips
+        return [LeafState(*arrays, t, streak, None) for arrays in zip(m, v, v_max)]
+
+    def known(self, params: list[np.ndarray]) -> dict[tuple[int, ...], Any]:
+        """The flat buffers of each batch: its moments, and its parameters when they are still
+        the views of the buffer that the previous step returned (else None: gathered)."""
+        known = {}
+        for group, flat in self.flats.items():
+            buffer, views = self.params[group]
+            p = buffer()
+            if p is not None and any(params[i] is not view() for i, view in zip(group, views)):
+                p = None
+            known[group] = (p, *flat[1:])
+        return known
+
+
+# By id() of the state, each entry alive as long as its state.
+_made: dict[int, _Made] = {}
 
 
 def _leaf_states(
@@ -270,7 +358,11 @@ def _leaf_states(
         )
     for index, (p, config) in enumerate(zip(leaves, configs)):
         if config.amsgrad != (v_max[index] is not None):
-            where = LeafPaths(treedef, "state.v_max")[index] if state.v_max is not None else "state.v_max"
+            where = (
+                LeafPaths(treedef, "state.v_max")[index]
+                if state.v_max is not None
+                else "state.v_max"
+            )
             raise ValueError(
                 f"{where}: expected {'an array' if config.amsgrad else 'None'} with "
                 f"amsgrad={config.amsgrad}, got {'None' if v_max[index] is None else 'an array'}; "
@@ -287,12 +379,14 @@ def _leaf_states(
                 continue
             expected = config.moments_dtype(p_dtype)
         for name, x in (("m", m[index]), ("v", v[index]), ("v_max", v_max[index])):
-            if x is not None and (x.shape != p.shape or x.dtype != expected) and (
-                tuple(x.shape) != tuple(p.shape) or x.dtype != expected
+            if (
+                x is not None
+                and (x.shape != p.shape or x.dtype != expected)
+                and (tuple(x.shape) != tuple(p.shape) or x.dtype != expected)
             ):
                 raise ValueError(
-                    f"{LeafPaths(treedef, 'state.' + name)[index]}: expected dtype {expected} and shape {p.shape} "
-                    f"like params, got dtype {x.dtype} and shape {x.shape}; "
+                    f"{LeafPaths(treedef, 'state.' + name)[index]}: expected dtype {expected} "
+                    f"and shape {p.shape} like params, got dtype {x.dtype} and shape {x.shape}; "
                     f"{_mismatch_hint(x.dtype, p_dtype, expected)}"
                 )
     return [

@@ -37,6 +37,7 @@ from adam_functional._step import (
     LeafState,
     configs_for,
     plain,
+    prepare_one,
     prepare_step,
     run,
     run_array_api,
@@ -292,6 +293,8 @@ class Adam:
             memory, or a restored state does not fit the array that claims it.
           FloatingPointError: a gradient is not finite and ``nonfinite="raise"``.
         """
+        if type(params) is np.ndarray and config is None and self._step_one(params, grads):
+            return
         leaves, treedef = _tree.flatten(params, "params", leaf="a writeable NumPy array")
         configs = configs_for(self._config if config is None else config, treedef)
         if config is not None:
@@ -314,7 +317,10 @@ class Adam:
                     slot.skipped += 1
                     slot.consecutive_skips += 1
             else:
-                fields = [slot.leaf_state("") for slot in owned]
+                fields = [
+                    state if state is not None else slot.leaf_state("")
+                    for state, slot in zip(states, owned)
+                ]
                 if step.xp is None:
                     outputs = [(p, s.m, s.v, s.v_max) for p, s in zip(step.params, owned)]
                     run(step, fields, outputs)
@@ -324,6 +330,21 @@ class Adam:
                     slot.t += 1
                     slot.consecutive_skips = 0
             self._register(leaves, owned, claimed)
+
+    def _step_one(self, p: np.ndarray, g: Any) -> bool:
+        """`step` of one array already stepped, in the common case (`prepare_one`); False when
+        it is not that case, and nothing was done."""
+        with self._lock:
+            slot = self._live_slot(p)
+            if slot is None:
+                return False
+            state = LeafState(slot.m, slot.v, slot.v_max, slot.t, slot.consecutive_skips, None)
+            step = prepare_one(p, g, state, self._config, in_place=True)
+            if step is None:
+                return False
+            run(step, [state], [(p, slot.m, slot.v, None)])
+            slot.t += 1
+            return True
 
     def _check_fixed(self, configs: list[AdamConfig], treedef: Any) -> None:
         """Refuses a step config that changes what this optimizer's states hold."""
@@ -361,6 +382,9 @@ class Adam:
 
     def _origins(self, slots: list[_Slot | None], claimed: int) -> Iterator[str]:
         """Where each slot's moments come from, for the error when they do not fit."""
+        if not claimed:
+            yield from ["as at its first step"] * len(slots)
+            return
         pending = self._pending[:claimed]
         for slot in slots:
             if any(slot is other for other in pending):

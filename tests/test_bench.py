@@ -314,8 +314,8 @@ def test_shown_path_is_relative_below_the_current_folder(
         ("2x2", "2x2", 4),
         ("1e3", "1e3", 1000),
         ("4e6", "4e6", 4_000_000),
-        ("mlp", "mlp25", 385_290),
-        ("mlp-tiny", "mlp25-tiny", 2_010),
+        ("mlp", "mlp25", 104_000),
+        ("mlp-tiny", "mlp25-tiny", 1_800),
     ],
 )
 def test_parse_size(token: str, label: str, n: int) -> None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import math
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
@@ -36,6 +38,8 @@ __all__ = [
     "backend",
     "coefficients",
     "flat",
+    "ravel",
+    "scratch",
     "select",
     "use_backend",
     "work_dtype",
@@ -110,16 +114,43 @@ class Kernel(Protocol):
     def __call__(self, x: Inputs, c: Coefficients, out: Outputs) -> None: ...
 
 
+# Scratch buffers kept between steps, per thread: a buffer made afresh at every step would be
+# memory the C library hands back and the kernel page-faults in again, at every step.
+_scratch = threading.local()
+
+
+def scratch(name: str, shape: int | tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A scratch array of ``shape`` and ``dtype``, over a buffer this thread keeps under ``name``
+    (grown when too small): its values are whatever the last user left."""
+    size = shape if isinstance(shape, int) else math.prod(shape)
+    buffers: dict[tuple[str, np.dtype], np.ndarray] | None = getattr(_scratch, "buffers", None)
+    if buffers is None:
+        buffers = _scratch.buffers = {}
+    key = (name, dtype)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape[0] < size:
+        buffer = buffers[key] = np.empty(size, dtype)
+    view = buffer[:size]
+    return view if isinstance(shape, int) else view.reshape(shape)
+
+
 def flat(x: Inputs, out: Outputs) -> tuple[Inputs, Outputs]:
     """``x`` and ``out`` as 1-D arrays that a loop walks in one order, C order.
 
     ``reshape(-1)`` is a view of a C-contiguous array and a C-ordered copy of any other; a
     parameter of another layout is computed into a scratch array, which `write_back` copies back.
     """
-    flat_p = out.p.reshape(-1) if out.p.flags.c_contiguous else np.empty(out.p.size, out.p.dtype)
-    flat_x = Inputs._make(None if a is None else a.reshape(-1) for a in x)
-    rest = (None if a is None else a.reshape(-1) for a in out[1:])
-    return flat_x, Outputs._make((flat_p, *rest))
+    flat_p = ravel(out.p) if out.p.flags.c_contiguous else np.empty(out.p.size, out.p.dtype)
+    flat_x = Inputs(
+        ravel(x.p), ravel(x.g), ravel(x.m), ravel(x.v), None if x.v_max is None else ravel(x.v_max)
+    )
+    v_max = None if out.v_max is None else ravel(out.v_max)
+    return flat_x, Outputs(flat_p, ravel(out.m), ravel(out.v), v_max)
+
+
+def ravel(a: np.ndarray) -> np.ndarray:
+    """``a`` as a 1-D array in C order: itself, a view, or (another layout) a copy."""
+    return a if a.ndim == 1 and a.flags.c_contiguous else a.reshape(-1)
 
 
 def write_back(out: Outputs, flat_out: Outputs) -> None:

@@ -29,7 +29,8 @@ import threading
 import numba
 import numpy as np
 
-from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, write_back
+from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, ravel, write_back
+from adam_functional.kernels import numpy as reference
 from adam_functional.kernels.numpy import fold
 
 __all__ = ["PARALLEL_THRESHOLD", "adam_leaf", "supports"]
@@ -177,9 +178,21 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
-    """The reference `adam_leaf`, compiled; same arguments, same results bit for bit."""
-    dtype = x.p.dtype
+# The scalars of the last step as the loops take them, with the step's `Coefficients` and dtype
+# they were made for: the leaves of a tree share one set, made once.
+_last_scalars: tuple[Coefficients | None, np.dtype | None, np.ndarray, np.ndarray] = (
+    None,
+    None,
+    np.empty(0),
+    np.empty(0, np.bool_),
+)
+
+
+def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    global _last_scalars
+    last = _last_scalars
+    if last[0] is c and last[1] == dtype:
+        return last[2], last[3]
     step_m, step_g, eps, eps_root = fold(c)
     coef = np.array(
         (
@@ -198,6 +211,30 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
         dtype,
     )
     flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None), np.bool_)
+    _last_scalars = (c, dtype, coef, flags)
+    return coef, flags
+
+
+def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
+    """The reference `adam_leaf`, compiled; same arguments, same results bit for bit."""
+    dtype = x.p.dtype
+    if x.p.size <= reference.SCALAR_SIZE and reference.scalar_fits(x, out):
+        # A few float64 elements: the reference's Python-float loop is quicker than building
+        # the arguments of a compiled call, and gives the same bits.
+        reference.scalar(x, c, out)
+        return
+    coef, flags = _scalars_of(c, dtype)
+    if out.m is x.m and out.p is x.p and x.p.flags.c_contiguous:
+        # In place, the common case: every array C-contiguous, the moments the outputs.
+        n = x.p.size
+        vmax = _NO_V_MAX[dtype] if x.v_max is None else ravel(x.v_max)
+        arrays = (ravel(x.p), _read_only(ravel(x.g)), ravel(x.m), ravel(x.v), vmax)
+        if n >= PARALLEL_THRESHOLD:
+            with _parallel_lock:
+                _parallel_in_place(*arrays, coef, flags)
+        else:
+            _in_place(*arrays, coef, flags)
+        return
     none = _NO_V_MAX[dtype]
     flat_x, flat_out = flat(x, out)
     n = flat_out.p.shape[0]

@@ -17,7 +17,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, work_dtype, write_back
+from adam_functional.kernels import (
+    Coefficients,
+    Inputs,
+    Outputs,
+    flat,
+    scratch,
+    work_dtype,
+    write_back,
+)
 
 __all__ = ["BLOCK_SIZE", "SCALAR_SIZE", "adam_leaf", "fold", "scalar", "scalar_fits", "supports"]
 
@@ -73,13 +81,11 @@ class Scratch(NamedTuple):
 
     @classmethod
     def make(cls, shape: Any, work: np.dtype, transform_g: bool, c: Coefficients) -> Scratch:
-        def empty(wanted: bool) -> np.ndarray | None:
-            return np.empty(shape, work) if wanted else None
+        def empty(name: str, wanted: bool = True) -> np.ndarray | None:
+            return scratch(name, shape, work) if wanted else None
 
         nesterov = c.bias_correction1_next is not None
-        return cls(
-            np.empty(shape, work), np.empty(shape, work), empty(transform_g), empty(nesterov)
-        )
+        return cls(empty("t1"), empty("t2"), empty("gw", transform_g), empty("t3", nesterov))  # type: ignore[arg-type]
 
     def head(self, k: int) -> Scratch:
         return Scratch._make(None if a is None else a[:k] for a in self)
@@ -230,7 +236,12 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     beta1, one_minus_beta1 = c.beta1, c.one_minus_beta1
     beta2, one_minus_beta2 = c.beta2, c.one_minus_beta2
     l2, decay, maximize, amsgrad = c.l2, c.decay, c.maximize, c.amsgrad
-    ps, gs, ms, vs = (a.ravel().tolist() for a in x[:4])
+    ps, gs, ms, vs = (
+        x.p.ravel().tolist(),
+        x.g.ravel().tolist(),
+        x.m.ravel().tolist(),
+        x.v.ravel().tolist(),
+    )
     v_maxes = x.v_max.ravel().tolist() if amsgrad and x.v_max is not None else None
     new_p, new_m, new_v, new_v_max = [], [], [], []
     sqrt = math.sqrt
@@ -266,8 +277,8 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
         new_p.append(p - step)
         new_m.append(m)
         new_v.append(v)
-    out.p.flat = new_p
-    out.m.flat = new_m
-    out.v.flat = new_v
+    out.p.flat[:] = new_p
+    out.m.flat[:] = new_m
+    out.v.flat[:] = new_v
     if out.v_max is not None:
-        out.v_max.flat = new_v_max
+        out.v_max.flat[:] = new_v_max
