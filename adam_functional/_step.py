@@ -51,8 +51,7 @@ __all__ = [
 ]
 
 _FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
-# Elements per sum of squares in the gradient check: short enough that a BLAS library starts no
-# threads for it, long enough that the per-call cost is small.
+# Elements per step of the walk that looks at a gradient value by value.
 _CHUNK = 8192
 
 
@@ -155,6 +154,8 @@ def prepare_step(
         return _prepare_array_api(leaves, treedef, grads, states, configs, in_place, paths)
     params = [p if type(p) is np.ndarray else plain(p) for p in leaves]
     _check_params(params, paths, in_place)
+    if in_place:
+        _refuse_duplicates(leaves, paths)
     g_leaves = flatten_like(grads, treedef, "grads")
     g_paths = LeafPaths(treedef, "grads")
     grads_arrays = []
@@ -165,6 +166,7 @@ def prepare_step(
     moments = []
     choose = []
     streak = 0
+    total = sum(p.size for p in params)
     for index, (state, p, g, config) in enumerate(zip(states, params, grads_arrays, configs)):
         dtype = config.moments_dtype(p.dtype)
         if state is not None:
@@ -173,7 +175,7 @@ def prepare_step(
             if state.consecutive_skips > streak:
                 streak = state.consecutive_skips
         moments.append(dtype)
-        choose.append(kernels.select(p.dtype, g.dtype, dtype))
+        choose.append(kernels.select(p.dtype, g.dtype, dtype, total))
     streak += 1
     if in_place:
         _copy_overlapping(grads_arrays, params)
@@ -226,7 +228,7 @@ def prepare_one(
             return None
     if config.nonfinite != "propagate" and _gradient_problem(g, p, moments, state, config):
         return None
-    kernel = kernels.select(p.dtype, g.dtype, moments)
+    kernel = kernels.select(p.dtype, g.dtype, moments, p.size)
     c = kernels.coefficients(config, 1 if state is None else state.t + 1)
     return Step([p], [g], [c], [kernel], [moments], 0)
 
@@ -312,13 +314,10 @@ def run(
     """Runs a taken step: each leaf's kernel reads its parameter, gradient and ``states`` entry
     and writes ``outputs``' entry ``(p, m, v, v_max)``."""
     assert step.coefficients is not None, "a skipped step has nothing to run"
-    # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it was
-    # asked to propagate) must not interrupt the step half-way, warning or not.
-    with np.errstate(all="ignore"):
-        for p, g, state, c, kernel, out in zip(
-            step.params, step.grads, states, step.coefficients, step.kernels, outputs
-        ):
-            kernel(Inputs(p, g, state.m, state.v, state.v_max), c, Outputs(*out))
+    for p, g, state, c, kernel, out in zip(
+        step.params, step.grads, states, step.coefficients, step.kernels, outputs
+    ):
+        kernel(Inputs(p, g, state.m, state.v, state.v_max), c, Outputs(*out))
 
 
 #: Leaves of at most this many elements are stepped together by the pure update: gathered into
@@ -391,62 +390,61 @@ def run_fresh(
     count = len(step.params)
     new: list[list[Any]] = [[None] * count for _ in range(4)]
     made = {}
-    with np.errstate(all="ignore"):
-        for group in batches(step):
-            first = group[0]
-            c = step.coefficients[first]
-            kernel = step.kernels[first]
-            if len(group) == 1:
-                p, state, dtype = step.params[first], states[first], step.moments[first]
-                out = Outputs(
-                    np.empty(p.shape, p.dtype),
-                    np.empty(p.shape, dtype),
-                    np.empty(p.shape, dtype),
-                    np.empty(p.shape, dtype) if c.amsgrad else None,
-                )
-                kernel(Inputs(p, step.grads[first], state.m, state.v, state.v_max), c, out)
-                for k, array in enumerate(out):
-                    new[k][first] = array if k == 0 or array is None else seal(array)
-                continue
-            dtype = step.params[first].dtype
-            stops = list(itertools.accumulate(step.params[i].size for i in group))
-            total = stops[-1]
-
-            def gathered(
-                arrays: list[np.ndarray], slot: int, total: int = total, dtype: Any = dtype
-            ) -> np.ndarray:
-                target = kernels.scratch(f"gather{slot}", total, dtype)
-                np.concatenate([a.reshape(-1) for a in arrays], out=target)
-                return target
-
-            flats = known.get(group)
-            flat_p = None if flats is None else flats[0]
-            if flat_p is None:
-                flat_p = gathered([step.params[i] for i in group], 0)
-            flat_g = gathered([step.grads[i] for i in group], 1)
-            moments = None if flats is None else flats[1:]
-            if moments is None:
-                v_max = [states[i].v_max for i in group]
-                moments = (
-                    gathered([states[i].m for i in group], 2),
-                    gathered([states[i].v for i in group], 3),
-                    gathered(v_max, 4) if c.amsgrad else None,  # type: ignore[arg-type]
-                )
+    for group in batches(step):
+        first = group[0]
+        c = step.coefficients[first]
+        kernel = step.kernels[first]
+        if len(group) == 1:
+            p, state, dtype = step.params[first], states[first], step.moments[first]
             out = Outputs(
-                np.empty(total, dtype),
-                np.empty(total, dtype),
-                np.empty(total, dtype),
-                np.empty(total, dtype) if c.amsgrad else None,
+                np.empty(p.shape, p.dtype),
+                np.empty(p.shape, dtype),
+                np.empty(p.shape, dtype),
+                np.empty(p.shape, dtype) if c.amsgrad else None,
             )
-            kernel(Inputs(flat_p, flat_g, *moments), c, out)
-            made[group] = (out.p, *(None if a is None else seal(a) for a in out[1:]))
-            start = 0
-            for index, stop in zip(group, stops):
-                shape = step.params[index].shape
-                for k, array in enumerate(out):
-                    if array is not None:
-                        new[k][index] = array[start:stop].reshape(shape)
-                start = stop
+            kernel(Inputs(p, step.grads[first], state.m, state.v, state.v_max), c, out)
+            for k, array in enumerate(out):
+                new[k][first] = array if k == 0 or array is None else seal(array)
+            continue
+        dtype = step.params[first].dtype
+        stops = list(itertools.accumulate(step.params[i].size for i in group))
+        total = stops[-1]
+
+        def gathered(
+            arrays: list[np.ndarray], slot: int, total: int = total, dtype: Any = dtype
+        ) -> np.ndarray:
+            target = kernels.scratch(f"gather{slot}", total, dtype)
+            np.concatenate([a.reshape(-1) for a in arrays], out=target)
+            return target
+
+        flats = known.get(group)
+        flat_p = None if flats is None else flats[0]
+        if flat_p is None:
+            flat_p = gathered([step.params[i] for i in group], 0)
+        flat_g = gathered([step.grads[i] for i in group], 1)
+        moments = None if flats is None else flats[1:]
+        if moments is None:
+            v_max = [states[i].v_max for i in group]
+            moments = (
+                gathered([states[i].m for i in group], 2),
+                gathered([states[i].v for i in group], 3),
+                gathered(v_max, 4) if c.amsgrad else None,  # type: ignore[arg-type]
+            )
+        out = Outputs(
+            np.empty(total, dtype),
+            np.empty(total, dtype),
+            np.empty(total, dtype),
+            np.empty(total, dtype) if c.amsgrad else None,
+        )
+        kernel(Inputs(flat_p, flat_g, *moments), c, out)
+        made[group] = (out.p, *(None if a is None else seal(a) for a in out[1:]))
+        start = 0
+        for index, stop in zip(group, stops):
+            shape = step.params[index].shape
+            for k, array in enumerate(out):
+                if array is not None:
+                    new[k][index] = array[start:stop].reshape(shape)
+            start = stop
     return Fresh(new[0], new[1], new[2], new[3], made)
 
 
@@ -611,6 +609,19 @@ def _shares(a: np.ndarray, b: np.ndarray) -> bool:
         return True
 
 
+def _refuse_duplicates(leaves: list[Any], paths: LeafPaths) -> None:
+    """Refuses one array given twice, empty ones too (whose memory overlaps nothing)."""
+    if len({id(leaf) for leaf in leaves}) == len(leaves):
+        return
+    first_seen: dict[int, int] = {}
+    for index, leaf in enumerate(leaves):
+        first = first_seen.setdefault(id(leaf), index)
+        if first != index:
+            raise ValueError(
+                f"{paths[index]}: expected each array once, got the same array as {paths[first]}"
+            )
+
+
 def _refuse_overlaps(params: list[np.ndarray], paths: LeafPaths) -> None:
     if len(params) < 2:
         return
@@ -667,17 +678,6 @@ def _nonfinite_error(
     )
 
 
-_LARGEST: dict[np.dtype, float] = {}
-
-
-def _largest(dtype: np.dtype) -> float:
-    """The largest finite value of ``dtype`` as a Python float (float64's, for longdouble)."""
-    largest = _LARGEST.get(dtype)
-    if largest is None:
-        largest = _LARGEST[dtype] = float(min(np.finfo(dtype).max, np.finfo(np.float64).max))
-    return largest
-
-
 def _gradient_problem(
     g: np.ndarray, p: np.ndarray, moments: np.dtype, state: LeafState | None, config: AdamConfig
 ) -> str | None:
@@ -700,22 +700,9 @@ def _gradient_problem(
         return None
     work = kernels.work_dtype(p.dtype, moments)
     l2 = config.weight_decay if config.weight_decay > 0 and not config.decoupled_weight_decay else 0
-    if l2 == 0 and moments == work and _squares_fit(g, work):
+    if l2 == 0 and moments == work and kernels.squares_fit(g, work):
         return None
     return _find_bad_values(g, p, moments, state, config, work, l2)
-
-
-def _squares_fit(g: np.ndarray, work: np.dtype) -> bool:
-    if g.dtype.kind != "f":
-        # Integers are finite, and the square of any int64 fits float32; only uint64 can reach
-        # float32's limit, and integer sums would wrap around, so it is looked at value by value.
-        return g.dtype != np.uint64
-    largest = _largest(work)
-    if g.size <= _CHUNK:
-        return float(np.vdot(g, g)) <= largest  # False for NaN.
-    flat = g.reshape(-1)
-    chunks = (flat[i : i + _CHUNK] for i in range(0, flat.shape[0], _CHUNK))
-    return all(float(np.vdot(chunk, chunk)) <= largest for chunk in chunks)
 
 
 def _find_bad_values(

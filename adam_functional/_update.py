@@ -239,8 +239,7 @@ def _update_one(
     out = Outputs(
         np.empty(p.shape, p.dtype), np.empty(m.shape, m.dtype), np.empty(m.shape, m.dtype), None
     )
-    with np.errstate(all="ignore"):
-        step.kernels[0](Inputs(p, g, m, v, None), step.coefficients[0], out)
+    step.kernels[0](Inputs(p, g, m, v, None), step.coefficients[0], out)
     new_state = AdamState._of_checked(seal(out.m), seal(out.v), state.t + 1, None, state.skipped, 0)
     return out.p, new_state
 

@@ -352,6 +352,12 @@ def _same_array_twice():
     return [W, W]
 
 
+def _same_empty_array_twice():
+    # Empty, it overlaps nothing, yet a step would claim two states for it.
+    E = np.ones(0)
+    return {"a": E, "b": E}
+
+
 def _overlapping():
     base = np.arange(5.0)
     return [base[0:3], base[2:5]]  # base[2] belongs to both
@@ -365,15 +371,22 @@ def _overlapping():
             r"params\[1\]: expected each array once, got the same array as params\[0\]",
         ),
         (
+            _same_empty_array_twice,
+            r"params\['b'\]: expected each array once, got the same array as params\['a'\]",
+        ),
+        (
             _overlapping,
             r"params\[1\]: expected arrays that share no memory, got one that overlaps params\[0\]",
         ),
     ],
-    ids=["the same array", "overlapping views"],
+    ids=["the same array", "the same empty array", "overlapping views"],
 )
 def test_wrapper_refuses_parameters_that_share_memory(make_params, message):
     params = make_params()
-    grads = [np.ones(p.shape) for p in params]
+    if isinstance(params, dict):
+        grads = {key: np.ones(p.shape) for key, p in params.items()}
+    else:
+        grads = [np.ones(p.shape) for p in params]
     assert_step_refused(ValueError, message, Adam(lr=0.1), params, grads)
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "ravel",
     "scratch",
     "select",
+    "squares_fit",
     "use_backend",
     "work_dtype",
     "write_back",
@@ -108,7 +109,8 @@ class Kernel(Protocol):
     the parameter's dtype; ``g`` may have any real dtype. The outputs for the moments are
     C-contiguous; ``p``, ``g`` and ``out.p`` may have any layout. An output may be the same array
     as the input it replaces (``out.m is x.m``), which is how the wrapper updates in place; no
-    other overlap is allowed.
+    other overlap is allowed. The checks have run before: a kernel warns of nothing and raises
+    nothing, whatever the arithmetic meets (an underflow, or a NaN it was asked to propagate).
     """
 
     def __call__(self, x: Inputs, c: Coefficients, out: Outputs) -> None: ...
@@ -212,7 +214,9 @@ def work_dtype(dtype: np.dtype, moments: np.dtype | None = None) -> np.dtype:
 class _Backend(NamedTuple):
     name: str
     adam_leaf: Kernel
-    supports: Callable[[np.dtype, np.dtype, np.dtype], bool]
+    supports: Callable[[np.dtype, np.dtype, np.dtype, int], bool]
+    #: The backend's quick gradient test, if it has one (see `squares_fit`).
+    squares_fit: Callable[..., bool | None] | None
 
 
 _active: _Backend | None = None
@@ -223,7 +227,7 @@ _selected: dict[tuple[np.dtype, np.dtype, np.dtype], Kernel] = {}
 
 def _load(name: str) -> _Backend:
     module = importlib.import_module(BACKENDS[name][0])
-    return _Backend(name, module.adam_leaf, module.supports)
+    return _Backend(name, module.adam_leaf, module.supports, getattr(module, "squares_fit", None))
 
 
 def _choose() -> _Backend:
@@ -259,12 +263,13 @@ def _resolve() -> _Backend:
     return _active
 
 
-def select(p: np.dtype, g: np.dtype, moments: np.dtype) -> Kernel:
-    """Returns the kernel for parameters, gradients and moments of these dtypes: the active
-    backend's when it supports them, else the reference's, which supports every floating dtype.
+def select(p: np.dtype, g: np.dtype, moments: np.dtype, total: int = 0) -> Kernel:
+    """Returns the kernel for parameters, gradients and moments of these dtypes, in a step of
+    ``total`` elements: the active backend's when it supports them, else the reference's, which
+    supports every floating dtype.
 
-    The first call chooses the backend (reading the environment, which may raise), so the step
-    calls this before it writes anything.
+    The first call chooses the backend (reading the environment, which may raise), and a backend
+    may load what it needs (numba) here, so the step calls this before it writes anything.
     """
     if _active is None:
         _resolve()
@@ -273,9 +278,37 @@ def select(p: np.dtype, g: np.dtype, moments: np.dtype) -> Kernel:
     if kernel is None:
         active = _resolve()
         assert _reference is not None
-        kernel = active.adam_leaf if active.supports(p, g, moments) else _reference.adam_leaf
-        _selected[key] = kernel
+        if active.supports(p, g, moments, total):
+            kernel = _selected[key] = active.adam_leaf
+        else:  # Not remembered: a larger step may load what the active backend needs.
+            kernel = _reference.adam_leaf
     return kernel
+
+
+def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
+    """Whether the squares of gradient ``g`` (in the dtype ``work``) are all finite, without NaN:
+    the quick test of a gradient, in one pass. False also when it cannot tell (a sum of squares
+    that overflows though no square does): the caller then looks value by value."""
+    backend = _resolve()
+    if backend.squares_fit is not None and g.dtype == work and g.size >= _COMPILED_CHECK_MIN:
+        found = backend.squares_fit(g, _square_root_of_largest(work))
+        if found is not None:
+            return found
+    assert _reference is not None
+    assert _reference.squares_fit is not None
+    return bool(_reference.squares_fit(g, work))
+
+
+# Below this many elements a compiled call costs more than NumPy's sum of squares.
+_COMPILED_CHECK_MIN = 1 << 14
+_ROOTS: dict[np.dtype, float] = {}
+
+
+def _square_root_of_largest(dtype: np.dtype) -> float:
+    root = _ROOTS.get(dtype)
+    if root is None:
+        root = _ROOTS[dtype] = float(np.sqrt(np.finfo(dtype).max))
+    return root
 
 
 def backend() -> str:
@@ -310,6 +343,10 @@ def use_backend(name: str) -> Iterator[None]:
     _active = _load(name)
     _reference = _active if name == REFERENCE else _load(REFERENCE)
     _selected.clear()
+    # Compared with another backend, this one computes every size itself.
+    load = getattr(importlib.import_module(BACKENDS[name][0]), "load", None)
+    if load is not None:
+        load()
     try:
         yield
     finally:

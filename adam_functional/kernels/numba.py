@@ -24,133 +24,57 @@ per dtype whatever the caller's arrays are.
 
 from __future__ import annotations
 
+import importlib.util
 import threading
+import warnings
+from types import ModuleType
 
-import numba
 import numpy as np
 
 from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, ravel, write_back
 from adam_functional.kernels import numpy as reference
 from adam_functional.kernels.numpy import fold
 
-__all__ = ["PARALLEL_THRESHOLD", "adam_leaf", "supports"]
+__all__ = ["COMPILED_MIN", "PARALLEL_THRESHOLD", "adam_leaf", "load", "squares_fit", "supports"]
 
 # Below this many elements one thread does the work: starting the others costs more than it saves.
 PARALLEL_THRESHOLD = 1 << 17
+#: numba and the compiled loops are loaded at the first step of at least this many elements in
+#: all (or by `load`): importing numba and loading its cache takes about half a second, which a
+#: step of fewer elements would not win back for thousands of steps. Until then the steps run on
+#: the reference kernel, with the same results bit for bit.
+COMPILED_MIN = 1 << 16
 # numba's default thread pool (workqueue) aborts the process when two threads enter parallel code
 # at once; the parallel loop is entered by one step at a time.
 _parallel_lock = threading.Lock()
-# Elements a thread takes at a time in the parallel loops.
-_CHUNK = 1 << 14
+_load_lock = threading.Lock()
+_loops: ModuleType | None = None
+_failed = False
 
-# Positions in the coefficient array, which carries the scalars in the work dtype so that every
-# operation rounds as NumPy's does with a Python float scalar (cast to the array's dtype first).
-_BETA1, _OMB1, _BETA2, _OMB2, _EPS, _L2, _DECAY, _SIGN, _STEP_M, _STEP_G, _EPS_ROOT = range(11)
-# Positions in the flags array: loop-invariant branches, which LLVM hoists out of the loop.
-_USE_L2, _AMSGRAD, _NESTEROV = range(3)
+if importlib.util.find_spec("numba") is None:
+    raise ImportError("No module named 'numba'")
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _scalars(coef, flags):  # type: ignore[no-untyped-def]
-    # The scalars as local values, read once: read from an array in the loop, LLVM would reload
-    # them after every store (an output might alias the array).
-    c = (
-        coef[0],
-        coef[1],
-        coef[2],
-        coef[3],
-        coef[4],
-        coef[5],
-        coef[6],
-        coef[7],
-        coef[8],
-        coef[9],
-        coef[10],
-    )
-    return c, (flags[0], flags[1], flags[2])
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _element(pi, gi, mi, vi, vmi, coef, flags):  # type: ignore[no-untyped-def]
-    # One element: the operations of the NumPy kernel's `_block`, in its order. Maximize is a
-    # product with -1.0, decoupled decay one with 1.0 when off and eps_root of 0.0 a sum with
-    # 0.0, all exact, so that the only branches are the flags, the same for every element,
-    # which LLVM hoists out of the loop.
-    gi = gi * coef[_SIGN]
-    if flags[_USE_L2]:
-        gi = gi + pi * coef[_L2]
-    pi = pi * coef[_DECAY]
-    mi = mi * coef[_BETA1] + gi * coef[_OMB1]
-    vi = vi * coef[_BETA2] + (gi * gi) * coef[_OMB2]
-    second = vi
-    if flags[_AMSGRAD]:
-        # np.maximum: NaN wins on either side.
-        second = vmi
-        if second < vi or vi != vi:
-            second = vi
-    step = mi * coef[_STEP_M]
-    if flags[_NESTEROV]:
-        step = step + gi * coef[_STEP_G]
-    denom = np.sqrt(second + coef[_EPS_ROOT]) + coef[_EPS]
-    return pi - step / denom, mi, vi, second
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _serial(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
-    # Into outputs apart from the inputs: LLVM vectorizes behind a run-time check that no
-    # output overlaps an input. The index runs from 0, so LLVM can drop the check for negative
-    # indices too.
-    c, f = _scalars(coef, flags)
-    amsgrad = f[_AMSGRAD]
-    for i in range(p.shape[0]):
-        vmi = vmax[i] if amsgrad else p[i]  # p[i]: of the dtype, and unused
-        pi, mi, vi, second = _element(p[i], g[i], m[i], v[i], vmi, c, f)
-        out_p[i] = pi
-        out_m[i] = mi
-        out_v[i] = vi
-        if amsgrad:
-            out_vmax[i] = second
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped-def]
-    # In place each result goes where its input came from, and no array is passed twice: LLVM's
-    # run-time check that the arrays do not overlap passes, and the loop is vectorized.
-    c, f = _scalars(coef, flags)
-    amsgrad = f[_AMSGRAD]
-    for i in range(p.shape[0]):
-        vmi = vmax[i] if amsgrad else p[i]  # p[i]: of the dtype, and unused
-        pi, mi, vi, second = _element(p[i], g[i], m[i], v[i], vmi, c, f)
-        p[i] = pi
-        m[i] = mi
-        v[i] = vi
-        if amsgrad:
-            vmax[i] = second
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def _parallel(p, g, m, v, vmax, out_p, out_m, out_v, out_vmax, coef, flags):  # type: ignore[no-untyped-def]
-    n = p.shape[0]
-    amsgrad = flags[_AMSGRAD]
-    for chunk in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        a = chunk * _CHUNK
-        b = min(n, a + _CHUNK)
-        # An empty v_max (AMSGrad off) is passed whole: its chunk would be out of range.
-        vm, ovm = (vmax[a:b], out_vmax[a:b]) if amsgrad else (vmax, out_vmax)
-        _serial(
-            p[a:b], g[a:b], m[a:b], v[a:b], vm, out_p[a:b], out_m[a:b], out_v[a:b], ovm, coef, flags
-        )
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def _parallel_in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped-def]
-    n = p.shape[0]
-    amsgrad = flags[_AMSGRAD]
-    for chunk in numba.prange((n + _CHUNK - 1) // _CHUNK):
-        a = chunk * _CHUNK
-        b = min(n, a + _CHUNK)
-        vm = vmax[a:b] if amsgrad else vmax
-        _in_place(p[a:b], g[a:b], m[a:b], v[a:b], vm, coef, flags)
+def load() -> bool:
+    """Imports numba and the compiled loops, once; whether they are there. A numba that fails to
+    import is reported once, as a warning, and the reference kernel takes the steps."""
+    global _loops, _failed
+    if _loops is not None:
+        return True
+    with _load_lock:
+        if _loops is None and not _failed:
+            try:
+                from adam_functional.kernels import _numba_loops
+            except ImportError as error:
+                _failed = True
+                warnings.warn(
+                    f"numba cannot be imported ({error}); the NumPy kernels take the steps",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            else:
+                _loops = _numba_loops
+    return _loops is not None
 
 
 # Empty stand-ins for v_max without AMSGrad: writable for the outputs, read-only for the inputs,
@@ -164,10 +88,21 @@ for _empty in _NO_V_MAX_INPUT.values():
     _empty.flags.writeable = False
 
 
-def supports(p: np.dtype, g: np.dtype, moments: np.dtype) -> bool:
+def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
     """float32 and float64 parameters in native byte order, with gradients and moments of their
-    dtype."""
-    return p in _NO_V_MAX and g == p and moments == p and p.isnative
+    dtype, in a step of ``total`` elements: once the loops are loaded, or when ``total`` is at
+    least `COMPILED_MIN` (which loads them)."""
+    if not (p in _NO_V_MAX and g == p and moments == p and p.isnative):
+        return False
+    return _loops is not None or (total >= COMPILED_MIN and load())
+
+
+def squares_fit(g: np.ndarray, limit: float) -> bool | None:
+    """Whether every ``|g|`` is at most ``limit`` (and none is NaN), in one compiled pass; None
+    when the loops are not loaded or do not take ``g``'s dtype."""
+    if _loops is None or g.dtype not in _NO_V_MAX or not g.dtype.isnative:
+        return None
+    return bool(_loops.squares_fit(_read_only(ravel(g)), g.dtype.type(limit)))
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -218,10 +153,12 @@ def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
 def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
     """The reference `adam_leaf`, compiled; same arguments, same results bit for bit."""
     dtype = x.p.dtype
-    if x.p.size <= reference.SCALAR_SIZE and reference.scalar_fits(x, out):
-        # A few float64 elements: the reference's Python-float loop is quicker than building
-        # the arguments of a compiled call, and gives the same bits.
-        reference.scalar(x, c, out)
+    loops = _loops
+    if loops is None or (x.p.size <= reference.SCALAR_SIZE and reference.scalar_fits(x, out)):
+        # Not loaded (a step that chose this kernel loaded it, but `use_backend` may have
+        # changed since); or a few float64 elements, for which the reference's Python-float
+        # loop is quicker than building the arguments of a compiled call. Same bits.
+        reference.adam_leaf(x, c, out)
         return
     coef, flags = _scalars_of(c, dtype)
     if out.m is x.m and out.p is x.p and x.p.flags.c_contiguous:
@@ -231,9 +168,9 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
         arrays = (ravel(x.p), _read_only(ravel(x.g)), ravel(x.m), ravel(x.v), vmax)
         if n >= PARALLEL_THRESHOLD:
             with _parallel_lock:
-                _parallel_in_place(*arrays, coef, flags)
+                loops.parallel_in_place(*arrays, coef, flags)
         else:
-            _in_place(*arrays, coef, flags)
+            loops.in_place(*arrays, coef, flags)
         return
     none = _NO_V_MAX[dtype]
     flat_x, flat_out = flat(x, out)
@@ -249,9 +186,9 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
         arrays = (p, g, flat_out.m, flat_out.v, vmax)
         if n >= PARALLEL_THRESHOLD:
             with _parallel_lock:
-                _parallel_in_place(*arrays, coef, flags)
+                loops.parallel_in_place(*arrays, coef, flags)
         else:
-            _in_place(*arrays, coef, flags)
+            loops.in_place(*arrays, coef, flags)
     else:
         inputs = (
             _read_only(flat_x.p),
@@ -263,7 +200,7 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
         outputs = (*flat_out[:3], none if flat_out.v_max is None else flat_out.v_max)
         if n >= PARALLEL_THRESHOLD:
             with _parallel_lock:
-                _parallel(*inputs, *outputs, coef, flags)
+                loops.parallel(*inputs, *outputs, coef, flags)
         else:
-            _serial(*inputs, *outputs, coef, flags)
+            loops.serial(*inputs, *outputs, coef, flags)
     write_back(out, flat_out)

@@ -27,7 +27,17 @@ from adam_functional.kernels import (
     write_back,
 )
 
-__all__ = ["BLOCK_SIZE", "SCALAR_SIZE", "adam_leaf", "fold", "scalar", "scalar_fits", "supports"]
+__all__ = [
+    "BLOCK_SIZE",
+    "CHECK_CHUNK",
+    "SCALAR_SIZE",
+    "adam_leaf",
+    "fold",
+    "scalar",
+    "scalar_fits",
+    "squares_fit",
+    "supports",
+]
 
 #: Elements per block. A block makes a dozen NumPy calls of about a microsecond each, whatever
 #: its length; at 32768 elements that overhead is small next to the arithmetic, and the block's
@@ -43,9 +53,13 @@ BLOCK_SIZE = 32768
 SCALAR_SIZE = 16
 
 _FLOAT64 = np.dtype(np.float64)
+#: Elements per sum of squares in `squares_fit`: short enough that a BLAS library starts no
+#: threads for it, long enough that the per-call cost is small.
+CHECK_CHUNK = 1 << 13
+_LARGEST: dict[np.dtype, float] = {}
 
 
-def supports(p: np.dtype, g: np.dtype, moments: np.dtype) -> bool:
+def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
     """Every floating-point parameter and moment dtype, and every real gradient dtype."""
     return True
 
@@ -59,6 +73,13 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
     if x.p.size <= SCALAR_SIZE and scalar_fits(x, out):
         scalar(x, c, out)
         return
+    # The checks have run: whatever the arithmetic meets now (an underflow, or the NaN it was
+    # asked to propagate) must not interrupt the step half-way, warning or not.
+    with np.errstate(all="ignore"):
+        _arrays(x, c, out)
+
+
+def _arrays(x: Inputs, c: Coefficients, out: Outputs) -> None:
     work = work_dtype(x.p.dtype, x.m.dtype)
     transform_g = x.g.dtype != work or c.maximize or c.l2 != 0.0
     if x.p.size <= BLOCK_SIZE and x.p.dtype == work and x.m.dtype == work:
@@ -282,3 +303,21 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     out.v.flat[:] = new_v
     if out.v_max is not None:
         out.v_max.flat[:] = new_v_max
+
+
+def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
+    """`kernels.squares_fit`: a sum of squares, ``np.vdot`` over chunks of `CHECK_CHUNK`
+    elements (no allocation, one read, no floating-point flags), is at most the largest value of
+    ``work`` exactly when every square is, but for sums too large themselves."""
+    if g.dtype.kind != "f":
+        # Integers are finite, and the square of any int64 fits float32; only uint64 can reach
+        # float32's limit, and integer sums would wrap around, so it is looked at value by value.
+        return g.dtype != np.uint64
+    largest = _LARGEST.get(work)
+    if largest is None:
+        largest = _LARGEST[work] = float(min(np.finfo(work).max, np.finfo(np.float64).max))
+    if g.size <= CHECK_CHUNK:
+        return float(np.vdot(g, g)) <= largest  # False for NaN.
+    flat = g.reshape(-1)
+    chunks = (flat[i : i + CHECK_CHUNK] for i in range(0, flat.shape[0], CHECK_CHUNK))
+    return all(float(np.vdot(chunk, chunk)) <= largest for chunk in chunks)

@@ -1,0 +1,291 @@
+"""The quick paths give what the general ones give, bit for bit, and step aside where they must.
+
+The quick paths are: the Python-float kernel for a few float64 elements, the batches of small
+leaves that the pure update runs as one flat array, the flat buffers it reads back at the next
+step, the one-array step in one pass, the walks compiled for a tree's structure, and the numba
+loops loaded at the first large step. Each is compared with the path it stands in for.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import OrderedDict, namedtuple
+
+import numpy as np
+import pytest
+
+from adam_functional import Adam, AdamConfig, AdamState, _tree, adam_init, adam_update, kernels
+from adam_functional._records import is_sealed, seal
+from adam_functional._step import BATCH_LEAF, BATCH_SIZE
+from adam_functional.kernels import Inputs, Outputs
+from adam_functional.kernels import numpy as reference
+
+Layer = namedtuple("Layer", ["w", "b"])
+
+CONFIGS = [
+    AdamConfig(lr=0.01),
+    AdamConfig(lr=0.01, weight_decay=0.1),
+    AdamConfig(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    AdamConfig(lr=0.01, amsgrad=True, nonfinite="propagate"),
+    AdamConfig(lr=0.3, beta1=0.0, beta2=0.5, eps=0.0, amsgrad=True, maximize=True),
+    AdamConfig(lr=0.01, nesterov=True, eps_root=1e-6, amsgrad=True, weight_decay=0.1),
+]
+SPECIAL = np.array([0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, np.nan, np.inf, -np.inf, 1.0, -3.5])
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape
+    nan = np.isnan(a)  # NaN's sign and payload are outside the promise (docs/algorithm.md).
+    np.testing.assert_array_equal(nan, np.isnan(b))
+    assert a[~nan].tobytes() == b[~nan].tobytes()
+
+
+def _fresh(n: int, amsgrad: bool) -> Outputs:
+    return Outputs(np.empty(n), np.empty(n), np.empty(n), np.empty(n) if amsgrad else None)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+@pytest.mark.parametrize("values", ["special", "random"])
+def test_the_python_float_kernel_gives_the_bits_of_the_numpy_blocks(config, values):
+    # The block path takes the whole array (more than SCALAR_SIZE elements); the Python-float
+    # path each slice of at most SCALAR_SIZE. Elements are independent, so the bits must match.
+    rng = np.random.default_rng(7)
+    if values == "special":
+        grid = np.array(np.meshgrid(SPECIAL, SPECIAL)).reshape(2, -1)
+        p, g = grid[0].copy(), grid[1].copy()
+        m, v = g[::-1].copy(), np.abs(p)  # v >= 0 but for NaN; -0.0 among them
+        v[::7] = -1.0  # a forged state's negative v: NaN from the square root, no exception
+    else:
+        n = 3 * reference.SCALAR_SIZE + 5
+        p, g, m = rng.standard_normal((3, n))
+        v = np.abs(rng.standard_normal(n))
+    v_max = np.maximum(v, np.abs(np.roll(v, 1))) if config.amsgrad else None
+    c = kernels.coefficients(config, 3)
+    assert p.size > reference.SCALAR_SIZE
+    blocks = _fresh(p.size, config.amsgrad)
+    with np.errstate(all="ignore"):
+        reference.adam_leaf(Inputs(p, g, m, v, v_max), c, blocks)
+    size = reference.SCALAR_SIZE
+    for start in range(0, p.size, size):
+        part = slice(start, start + size)
+        x = Inputs(p[part], g[part], m[part], v[part], None if v_max is None else v_max[part])
+        out = _fresh(x.p.size, config.amsgrad)
+        assert reference.scalar_fits(x, out)
+        reference.scalar(x, c, out)
+        for got, expected in zip(out, blocks):
+            if got is not None:
+                _same_bits(got, expected[part])
+
+
+def test_the_python_float_kernel_writes_outputs_of_any_layout():
+    p = np.arange(12.0).reshape(3, 4)[:, ::2]  # strided, 6 elements
+    g, m, v = np.ones((3, 2)), np.zeros((3, 2)), np.zeros((3, 2))
+    c = kernels.coefficients(AdamConfig(lr=0.1), 1)
+    expected = _fresh(6, False)
+    reference.adam_leaf(
+        Inputs(
+            np.ascontiguousarray(p).reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), None
+        ),
+        c,
+        expected,
+    )
+    buffer = np.zeros((3, 4))
+    out = Outputs(buffer[:, 1::2], np.empty((3, 2)), np.empty((3, 2)), None)
+    reference.scalar(Inputs(p, g, m, v, None), c, out)
+    _same_bits(out.p.reshape(-1), expected.p)
+    assert not buffer[:, ::2].any()  # nothing written between the strided elements
+
+
+def _tree_of(rng, dtype=np.float64):
+    return {
+        "a": [
+            Layer(rng.standard_normal((8, 4)).astype(dtype), rng.standard_normal(4).astype(dtype))
+        ],
+        "big": rng.standard_normal(BATCH_LEAF + 3).astype(dtype),
+        "c": (rng.standard_normal(()).astype(dtype), rng.standard_normal(0).astype(dtype)),
+        "d": OrderedDict(z=rng.standard_normal((5, 5)).astype(np.float32)),
+        "e": [rng.standard_normal(BATCH_LEAF).astype(dtype) for _ in range(3)],
+    }
+
+
+def _leafwise(params, grads, states, configs):
+    """The same step leaf by leaf: each leaf its own one-array update (no batches)."""
+    leaves = _tree.flatten(params, "p")[0]
+    g_leaves = _tree.flatten(grads, "g")[0]
+    results = [adam_update(p, g, s, c) for p, g, s, c in zip(leaves, g_leaves, states, configs)]
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=range(len(CONFIGS)))
+def test_a_tree_stepped_in_batches_gives_the_bits_of_its_leaves_stepped_alone(config):
+    rng = np.random.default_rng(3)
+    params = _tree_of(rng)
+    leaves, treedef = _tree.flatten(params, "p")
+    states_alone = [adam_init(p, config) for p in leaves]
+    state = adam_init(params, config)
+    configs = [config] * len(leaves)
+    for step in range(4):
+        grads = _tree.unflatten(
+            treedef, [rng.standard_normal(p.shape).astype(p.dtype) for p in leaves]
+        )
+        expected, states_alone = _leafwise(params, grads, states_alone, configs)
+        params, state = adam_update(params, grads, state, config)
+        got = _tree.flatten(params, "p")[0]
+        for a, b in zip(got, expected):
+            _same_bits(a, b)
+        for name in ("m", "v"):
+            for a, s in zip(_tree.flatten(getattr(state, name), "s")[0], states_alone):
+                _same_bits(a, getattr(s, name))
+                assert not a.flags.writeable and is_sealed(a)
+        if step == 1:  # The caller writes a returned parameter: the next step reads the write.
+            params["e"][1][:5] = 7.0
+            params["a"][0].w[0, 0] = -7.0
+    # Batches were used: small leaves of one dtype share a flat buffer.
+    flat = _tree.flatten(state.m, "m")[0]
+    assert flat[0].base is not None and flat[0].base is flat[1].base
+
+
+def test_a_batch_never_exceeds_its_size_and_big_leaves_run_alone():
+    from adam_functional._step import batches, prepare_step
+
+    rng = np.random.default_rng(4)
+    params = [
+        rng.standard_normal(n) for n in (10, BATCH_LEAF, BATCH_LEAF + 1, 5, BATCH_SIZE - 20, 30)
+    ]
+    params.append(rng.standard_normal(3).astype(np.float32))
+    grads = [np.ones_like(p) for p in params]
+    leaves, treedef = _tree.flatten(params, "p")
+    step = prepare_step(
+        leaves, treedef, grads, [None] * len(leaves), [AdamConfig()] * len(leaves), in_place=False
+    )
+    groups = batches(step)
+    assert sorted(i for group in groups for i in group) == list(range(len(params)))
+    for group in groups:
+        if len(group) > 1:
+            assert sum(params[i].size for i in group) <= BATCH_SIZE
+            assert len({params[i].dtype for i in group}) == 1
+            assert all(params[i].size <= BATCH_LEAF for i in group)
+    assert (2,) in groups  # larger than BATCH_LEAF: alone
+
+
+def test_a_state_whose_trees_were_changed_is_read_as_it_now_is():
+    rng = np.random.default_rng(5)
+    config = AdamConfig(lr=0.1)
+    params = {"a": rng.standard_normal(6), "b": rng.standard_normal(4)}
+    grads = {"a": np.ones(6), "b": -np.ones(4)}
+    params, state = adam_update(params, grads, adam_init(params), config)
+    # The state's dict is a plain dict: put another (sealed) moment in it.
+    replaced = seal(np.full(6, 0.5))
+    state.m["a"] = replaced
+    got, _ = adam_update(params, grads, state, config)
+    expected, _ = adam_update(
+        {"a": params["a"].copy(), "b": params["b"].copy()},
+        grads,
+        AdamState(
+            {"a": replaced.copy(), "b": state.m["b"].copy()},
+            {k: x.copy() for k, x in state.v.items()},
+            1,
+        ),
+        config,
+    )
+    for key in got:
+        _same_bits(got[key], expected[key])
+
+
+def test_the_buffers_behind_returned_parameters_are_not_read_once_they_are_replaced():
+    config = AdamConfig(lr=0.1)
+    params = {"a": np.ones(6), "b": np.ones(4)}
+    grads = {"a": np.ones(6), "b": np.ones(4)}
+    params, state = adam_update(params, grads, adam_init(params), config)
+    params["a"] = np.full(6, 3.0)  # a new array, not the view the step returned
+    got, _ = adam_update(params, grads, state, config)
+    alone, _ = adam_update(
+        np.full(6, 3.0), np.ones(6), AdamState(state.m["a"], state.v["a"], 1), config
+    )
+    _same_bits(got["a"], alone)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (3,), (), (0,), (40, 3)])
+@pytest.mark.parametrize("config", CONFIGS[:3], ids=range(3))
+def test_one_array_in_one_pass_gives_the_general_steps_bits(shape, config):
+    rng = np.random.default_rng(6)
+    p = rng.standard_normal(shape)
+    W, opt = p.copy(), Adam.from_config(config)
+    state = adam_init(p, config)
+    tree_state = adam_init([p], config)
+    for _ in range(3):
+        g = rng.standard_normal(shape)
+        p_one, state = adam_update(p, g, state, config)
+        (p_tree,), tree_state = adam_update([p], [g], tree_state, config)  # the general path
+        opt.step(W, g)
+        _same_bits(p_one, p_tree)
+        _same_bits(W, p_tree)
+        _same_bits(state.m, tree_state.m[0])
+        p = p_one
+
+
+def test_compiled_walks_check_the_whole_structure():
+    tree = {"x": [np.ones(2), (np.ones(1),)], 3: Layer(np.ones(3), np.ones(()))}
+    leaves, treedef = _tree.flatten(tree, "params")
+    again, treedef_again = _tree.flatten(tree, "params")
+    assert treedef_again is treedef and all(a is b for a, b in zip(again, leaves))
+    reordered = {3: tree[3], "x": tree["x"]}
+    # Another key order: flatten keeps it, flatten_like accepts it.
+    assert _tree.flatten(reordered, "params")[1] != treedef
+    assert all(a is b for a, b in zip(_tree.flatten_like(reordered, treedef, "g"), leaves))
+    for changed, message in [
+        (
+            {"x": [np.ones(2), [np.ones(1)]], 3: tree[3]},
+            r"g\['x'\]\[1\]: expected a tuple like params",
+        ),
+        ({"x": [np.ones(2)], 3: tree[3]}, r"g\['x'\]: expected a list of length 2 like params"),
+        ({"x": tree["x"], 4: tree[3]}, r"g: expected the keys of params"),
+        (
+            {"x": [{"k": np.ones(2)}, (np.ones(1),)], 3: tree[3]},
+            r"g\['x'\]\[0\]: expected an array like params",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            _tree.flatten_like(changed, treedef, "g")
+    rebuilt = _tree.unflatten(treedef, leaves)
+    assert (
+        type(rebuilt[3]) is Layer and type(rebuilt["x"][1]) is tuple and list(rebuilt) == ["x", 3]
+    )
+    # Leaves of another library, or None, take the general walk.
+    assert _tree.flatten_like({"x": [1.0, (np.ones(1),)], 3: tree[3]}, treedef, "g")[0] == 1.0
+
+
+def test_the_table_of_sealed_arrays_forgets_dead_ones():
+    from adam_functional import _records
+
+    for _ in range(5000):
+        seal(np.zeros(1))
+    assert len(_records._SEALED) < 3000
+    kept = seal(np.zeros(2))
+    assert is_sealed(kept) and is_sealed(kept[:1]) and not is_sealed(np.zeros(2))
+    writeable_view = np.zeros(3)
+    assert not is_sealed(writeable_view[:2])
+
+
+def test_the_numba_loops_load_at_the_first_large_step_only():
+    pytest.importorskip("numba")
+    script = (
+        "import sys, numpy as np\n"
+        "from adam_functional import Adam, kernels\n"
+        "from adam_functional.kernels import numba as backend\n"
+        "opt = Adam()\n"
+        "small = np.ones(1000); opt.step(small, np.ones(1000))\n"
+        "print(kernels.backend(), 'numba' in sys.modules)\n"
+        "big = np.ones(backend.COMPILED_MIN); opt.step(big, np.ones(backend.COMPILED_MIN))\n"
+        "print('numba' in sys.modules, backend._loops is not None)\n"
+        "opt.step(small, np.ones(1000))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "ADAM_FUNCTIONAL_BACKEND": "numba"},
+        check=True,
+    )
+    assert result.stdout.split() == ["numba", "False", "True", "True"]
