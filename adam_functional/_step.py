@@ -10,7 +10,6 @@ both APIs, and since every check runs before `run`, a step that raises has chang
 from __future__ import annotations
 
 import array
-import itertools
 import math
 import mmap
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from adam_functional.kernels import array_api as array_api_kernel
 __all__ = [
     "BATCH_LEAF",
     "BATCH_SIZE",
+    "Flat",
     "Fresh",
     "LeafState",
     "Step",
@@ -329,16 +329,29 @@ BATCH_LEAF = 1 << 13
 BATCH_SIZE = 1 << 14
 
 
+class Flat(NamedTuple):
+    """Where one batch's new values lie: its flat (sealed) moments, and elements ``start:stop``
+    of a flat buffer of parameters."""
+
+    #: The flat buffer of the batch's new parameters (writeable).
+    p: np.ndarray
+    start: int
+    stop: int
+    #: The batch's slices of the flat (sealed) moment buffers; ``v_max`` None without AMSGrad.
+    m: np.ndarray
+    v: np.ndarray
+    v_max: np.ndarray | None
+
+
 class Fresh(NamedTuple):
-    """What `run_fresh` returns: new arrays per leaf, and the flat buffers of each batch."""
+    """What `run_fresh` returns: new arrays per leaf, and where each batch's lie."""
 
     p: list[np.ndarray]
     m: list[np.ndarray]
     v: list[np.ndarray]
     v_max: list[np.ndarray | None]
-    #: For each batch of several leaves, by its leaf indices: the flat buffers ``(p, m, v,
-    #: v_max)`` whose views the leaves' new values are (the moments' sealed).
-    flats: dict[tuple[int, ...], tuple[np.ndarray | None, ...]]
+    #: For each batch of several leaves, by its leaf indices.
+    flats: dict[tuple[int, ...], Flat]
 
 
 def batches(step: Step) -> list[tuple[int, ...]]:
@@ -377,19 +390,21 @@ def batches(step: Step) -> list[tuple[int, ...]]:
 def run_fresh(
     step: Step,
     states: Sequence[LeafState],
-    known: dict[tuple[int, ...], tuple[Any, ...]],
+    known: dict[
+        tuple[int, ...], tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None]
+    ],
 ) -> Fresh:
     """Runs a taken step into fresh arrays, batch by batch (`batches`).
 
     A batch's gradients are gathered into a scratch buffer, and so are its parameters and
-    moments unless ``known`` gives their flat buffers ``(p or None, m, v, v_max)`` (those the
-    previous step made); its results are flat buffers of which each leaf gets a view. The
-    moments are sealed.
+    moments unless ``known`` gives their flat arrays ``(p or None, m, v, v_max)`` (those the
+    previous step made); its results are flat buffers of which each leaf gets a view. The moments
+    are sealed.
     """
     assert step.coefficients is not None
     count = len(step.params)
     new: list[list[Any]] = [[None] * count for _ in range(4)]
-    made = {}
+    flats = {}
     for group in batches(step):
         first = group[0]
         c = step.coefficients[first]
@@ -407,28 +422,19 @@ def run_fresh(
                 new[k][first] = array if k == 0 or array is None else seal(array)
             continue
         dtype = step.params[first].dtype
-        stops = list(itertools.accumulate(step.params[i].size for i in group))
-        total = stops[-1]
-
-        def gathered(
-            arrays: list[np.ndarray], slot: int, total: int = total, dtype: Any = dtype
-        ) -> np.ndarray:
-            target = kernels.scratch(f"gather{slot}", total, dtype)
-            np.concatenate([a.reshape(-1) for a in arrays], out=target)
-            return target
-
-        flats = known.get(group)
-        flat_p = None if flats is None else flats[0]
+        total = sum(step.params[i].size for i in group)
+        flat = known.get(group)
+        flat_p = None if flat is None else flat[0]
         if flat_p is None:
-            flat_p = gathered([step.params[i] for i in group], 0)
-        flat_g = gathered([step.grads[i] for i in group], 1)
-        moments = None if flats is None else flats[1:]
+            flat_p = _gathered([step.params[i] for i in group], "p", total, dtype)
+        flat_g = _gathered([step.grads[i] for i in group], "g", total, dtype)
+        moments = None if flat is None else flat[1:]
         if moments is None:
             v_max = [states[i].v_max for i in group]
             moments = (
-                gathered([states[i].m for i in group], 2),
-                gathered([states[i].v for i in group], 3),
-                gathered(v_max, 4) if c.amsgrad else None,  # type: ignore[arg-type]
+                _gathered([states[i].m for i in group], "m", total, dtype),
+                _gathered([states[i].v for i in group], "v", total, dtype),
+                _gathered(v_max, "v_max", total, dtype) if c.amsgrad else None,  # type: ignore[arg-type]
             )
         out = Outputs(
             np.empty(total, dtype),
@@ -437,15 +443,26 @@ def run_fresh(
             np.empty(total, dtype) if c.amsgrad else None,
         )
         kernel(Inputs(flat_p, flat_g, *moments), c, out)
-        made[group] = (out.p, *(None if a is None else seal(a) for a in out[1:]))
-        start = 0
-        for index, stop in zip(group, stops):
+        sealed = Outputs(
+            out.p, seal(out.m), seal(out.v), None if out.v_max is None else seal(out.v_max)
+        )
+        flats[group] = Flat(out.p, 0, total, sealed.m, sealed.v, sealed.v_max)
+        offset = 0
+        for index in group:
             shape = step.params[index].shape
-            for k, array in enumerate(out):
+            end = offset + step.params[index].size
+            for k, array in enumerate(sealed):
                 if array is not None:
-                    new[k][index] = array[start:stop].reshape(shape)
-            start = stop
-    return Fresh(new[0], new[1], new[2], new[3], made)
+                    new[k][index] = array[offset:end].reshape(shape)
+            offset = end
+    return Fresh(new[0], new[1], new[2], new[3], flats)
+
+
+def _gathered(arrays: list[np.ndarray], name: str, total: int, dtype: np.dtype) -> np.ndarray:
+    """``arrays`` one after the other in a scratch array of this thread."""
+    target = kernels.scratch(f"gather {name}", total, dtype)
+    np.concatenate([a.reshape(-1) for a in arrays], out=target)
+    return target
 
 
 # -------------------------------------------------------------------------------------------------

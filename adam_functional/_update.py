@@ -274,7 +274,7 @@ class _Made:
         self.flats = fresh.flats
         # Weakly: the parameters belong to the caller, who may drop them before the state.
         self.params = {
-            group: (weakref.ref(flat[0]), [weakref.ref(fresh.p[i]) for i in group])
+            group: (weakref.ref(flat.p), [weakref.ref(fresh.p[i]) for i in group])
             for group, flat in fresh.flats.items()
         }
 
@@ -321,9 +321,12 @@ class _Made:
         for group, flat in self.flats.items():
             buffer, views = self.params[group]
             p = buffer()
-            if p is not None and any(params[i] is not view() for i, view in zip(group, views)):
-                p = None
-            known[group] = (p, *flat[1:])
+            if p is not None:
+                if all(params[i] is view() for i, view in zip(group, views)):
+                    p = p[flat.start : flat.stop]
+                else:
+                    p = None
+            known[group] = (p, flat.m, flat.v, flat.v_max)
         return known
 
 
