@@ -359,8 +359,10 @@ def seal(array: np.ndarray) -> np.ndarray:
     array.flags.writeable = False
     _SEALED[id(array)] = weakref.ref(array)
     if len(_SEALED) >= _SWEEP_AT[0]:
-        for key in [key for key, ref in _SEALED.items() if ref() is None]:
-            del _SEALED[key]
+        # list() copies the table in one call, while other threads may seal arrays meanwhile.
+        for key, ref in list(_SEALED.items()):
+            if ref() is None:
+                _SEALED.pop(key, None)
         _SWEEP_AT[0] = max(1024, 2 * len(_SEALED))
     return array
 

@@ -10,6 +10,7 @@ per node and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, TypeAlias
@@ -476,9 +477,8 @@ def _canonical(treedef: TreeDef) -> TreeDef:
     if found is not None:
         return found
     if len(_CANONICAL) >= _CACHE_SIZE:
-        del _CANONICAL[next(iter(_CANONICAL))]
-    _CANONICAL[treedef] = treedef
-    return treedef
+        _evict_oldest(_CANONICAL)
+    return _CANONICAL.setdefault(treedef, treedef)
 
 
 def _walks(treedef: TreeDef) -> _Walks | None:
@@ -492,9 +492,15 @@ def _walks(treedef: TreeDef) -> _Walks | None:
     except _NotCompiled:
         walks = None
     if len(_WALKS) >= _CACHE_SIZE:
-        del _WALKS[next(iter(_WALKS))]
+        _evict_oldest(_WALKS)
     _WALKS[id(treedef)] = (treedef, walks)  # Holding treedef keeps its id() its own.
     return walks
+
+
+def _evict_oldest(cache: dict[Any, Any]) -> None:
+    # Another thread may change the cache meanwhile: whatever it removed is gone already.
+    with contextlib.suppress(StopIteration, KeyError, RuntimeError):
+        cache.pop(next(iter(cache)), None)
 
 
 def _compile(treedef: TreeDef) -> _Walks:

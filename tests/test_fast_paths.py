@@ -289,3 +289,37 @@ def test_the_numba_loops_load_at_the_first_large_step_only():
         check=True,
     )
     assert result.stdout.split() == ["numba", "False", "True", "True"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
+    numba_backend = pytest.importorskip("adam_functional.kernels.numba")
+    assert numba_backend.load()
+    work = np.dtype(dtype)
+    root = np.sqrt(np.finfo(work).max)  # the largest |g| whose square fits
+    big = np.ones(1 << 15, work)
+    cases = {"ones": big}
+    for name, value in [
+        ("nan", np.nan),
+        ("inf", -np.inf),
+        ("above the root", np.nextafter(root, np.inf)),
+        ("the root", root),
+        ("below the root", np.nextafter(root, 0)),
+    ]:
+        g = big.copy()
+        g[-3] = value
+        cases[name] = g
+    for name, g in cases.items():
+        compiled = numba_backend.squares_fit(g, float(root))
+        # NumPy's sum of squares may not tell (its sum overflows): it then says False, and the
+        # step looks value by value. Where it says True, the compiled check must agree.
+        by_numpy = reference.squares_fit(g, work)
+        assert compiled is not None
+        if by_numpy:
+            assert compiled, name
+        if name in ("nan", "inf", "above the root"):
+            assert not compiled, name
+        if name in ("ones", "the root", "below the root"):
+            assert compiled, name
+        with kernels.use_backend("numba"):
+            assert kernels.squares_fit(g, work) == compiled

@@ -189,7 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.perf_counter()
     results: list[Result] = []
-    backend = backend_name()  # before sizing thread pools: it may import numba
+    backend = backend_name()
+    if backend == "numba":
+        # numba is imported at the first large step; import it now, so that its thread pool is
+        # sized with torch's.
+        importlib.import_module("adam_functional.kernels.numba").load()
     progress = Progress(sys.stdout, groups=len(sizes) * len(args.dtypes))
     with pinned_threads(args.threads, libs) as threads, jax_x64(libs):
         meta = environment(libs, backend=backend, threads=threads, clock=args.clock)

@@ -52,7 +52,7 @@ _loops: ModuleType | None = None
 _failed = False
 
 if importlib.util.find_spec("numba") is None:
-    raise ImportError("No module named 'numba'")
+    raise ModuleNotFoundError("No module named 'numba'", name="numba")
 
 
 def load() -> bool:
@@ -129,7 +129,24 @@ def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     if last[0] is c and last[1] == dtype:
         return last[2], last[3]
     step_m, step_g, eps, eps_root = fold(c)
-    coef = np.array(
+    # In the work dtype, as NumPy casts a Python float scalar: a value beyond float32's range
+    # becomes inf there too, silently.
+    with np.errstate(over="ignore"):
+        coef = _coefficient_array(c, dtype, step_m, step_g, eps, eps_root)
+    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None), np.bool_)
+    _last_scalars = (c, dtype, coef, flags)
+    return coef, flags
+
+
+def _coefficient_array(
+    c: Coefficients,
+    dtype: np.dtype,
+    step_m: float,
+    step_g: float | None,
+    eps: float,
+    eps_root: float,
+) -> np.ndarray:
+    return np.array(
         (
             c.beta1,
             c.one_minus_beta1,
@@ -145,9 +162,6 @@ def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
         ),
         dtype,
     )
-    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None), np.bool_)
-    _last_scalars = (c, dtype, coef, flags)
-    return coef, flags
 
 
 def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
