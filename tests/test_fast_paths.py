@@ -30,6 +30,8 @@ CONFIGS = [
     AdamConfig(lr=0.01, amsgrad=True, nonfinite="propagate"),
     AdamConfig(lr=0.3, beta1=0.0, beta2=0.5, eps=0.0, amsgrad=True, maximize=True),
     AdamConfig(lr=0.01, nesterov=True, eps_root=1e-6, amsgrad=True, weight_decay=0.1),
+    # eps of -0.0 and a v_max of -0.0 divide by -0.0: the sign of the infinity counts.
+    AdamConfig(lr=0.1, eps=-0.0, amsgrad=True, nonfinite="propagate"),
 ]
 SPECIAL = np.array([0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, np.nan, np.inf, -np.inf, 1.0, -3.5])
 
@@ -56,11 +58,15 @@ def test_the_python_float_kernel_gives_the_bits_of_the_numpy_blocks(config, valu
         p, g = grid[0].copy(), grid[1].copy()
         m, v = g[::-1].copy(), np.abs(p)  # v >= 0 but for NaN; -0.0 among them
         v[::7] = -1.0  # a forged state's negative v: NaN from the square root, no exception
+        v[3::7] = -0.0
     else:
         n = 3 * reference.SCALAR_SIZE + 5
         p, g, m = rng.standard_normal((3, n))
         v = np.abs(rng.standard_normal(n))
-    v_max = np.maximum(v, np.abs(np.roll(v, 1))) if config.amsgrad else None
+    v_max = None
+    if config.amsgrad:
+        v_max = np.maximum(v, np.abs(np.roll(v, 1)))
+        v_max[3::5] = -0.0
     c = kernels.coefficients(config, 3)
     assert p.size > reference.SCALAR_SIZE
     blocks = _fresh(p.size, config.amsgrad)

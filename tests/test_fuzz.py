@@ -558,7 +558,10 @@ def _wrapper_cases(draw):
 
 
 def _warm_up(opt, params, steps, seed):
-    """Steps the valid, writeable leaves with plain gradients, so that their states are not zero."""
+    """Steps the valid, writeable leaves with plain gradients, so that their states are not zero.
+
+    A leaf whose step is refused (its L2-decayed gradient overflows, say) stays as it was.
+    """
     rng = np.random.default_rng(seed)
     leaves = [
         p
@@ -568,7 +571,8 @@ def _warm_up(opt, params, steps, seed):
     unique = list({id(p): p for p in leaves}.values())
     for _ in range(steps):
         for p in unique:
-            opt.step(p, rng.standard_normal(p.shape).astype(p.dtype))
+            with contextlib.suppress(FloatingPointError):
+                opt.step(p, rng.standard_normal(p.shape).astype(p.dtype))
 
 
 @SETTINGS

@@ -58,9 +58,9 @@ def _element(pi, gi, mi, vi, vmi, coef, flags):  # type: ignore[no-untyped-def]
     vi = vi * coef[_BETA2] + (gi * gi) * coef[_OMB2]
     second = vi
     if flags[_AMSGRAD]:
-        # np.maximum: NaN wins on either side.
+        # np.maximum(v_max, v): NaN wins on either side, and a tie (+0.0 and -0.0) gives v.
         second = vmi
-        if second < vi or vi != vi:
+        if not (vmi > vi or vmi != vmi):
             second = vi
     step = mi * coef[_STEP_M]
     if flags[_NESTEROV]:

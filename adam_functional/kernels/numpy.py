@@ -278,9 +278,9 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
         v = vs[i] * beta2 + (g * g) * one_minus_beta2
         second = v
         if v_maxes is not None:
-            # np.maximum(v_max, v): NaN wins on either side, a tie gives v_max.
+            # np.maximum(v_max, v): NaN wins on either side, and a tie (+0.0 and -0.0) gives v.
             second = v_maxes[i]
-            if second < v or v != v:
+            if not (second > v or second != second):
                 second = v
             new_v_max.append(second)
         step = m * step_m
