@@ -274,6 +274,7 @@ def test_the_table_of_sealed_arrays_forgets_dead_ones():
     assert not is_sealed(writeable_view[:2])
 
 
+@pytest.mark.slow
 def test_the_numba_loops_load_at_the_first_large_step_only():
     pytest.importorskip("numba")
     script = (
