@@ -5,21 +5,24 @@ over cores for large arrays. The operations and their order are those of the Num
 no ``fastmath`` (which would let LLVM reassociate and fuse them), and NumPy's error model
 (division by zero gives inf or NaN rather than raising), so the results are bit-for-bit the
 same. float32 and float64 run here (`supports`); the registry gives other dtypes (float16,
-longdouble, or gradients of another dtype than the parameters) to the reference kernel.
+longdouble, or gradients of another dtype than the parameters) to the reference kernel, and so
+does this module to arrays of a few float64 elements (the reference's Python-float loop, quicker
+there than the arguments of a compiled call).
 
-numba compiles each loop from its own Python source, so `_element` restates the arithmetic of
-the reference kernel's ``_block`` (and of ``docs/algorithm.md``) rather than calling it; the
-per-step scalars come from the same `fold`, so they are the same floats.
+The loops live in ``kernels._numba_loops``, which this module imports, and numba with it, at the
+first step of at least `COMPILED_MIN` elements (`load`): a process whose steps are all smaller
+never pays numba's start-up, and its steps run on the reference kernel, with the same bits. The
+per-step scalars come from the reference's `fold`, so they are the same floats.
 
 LLVM vectorizes the loops (packed ``vmulpd``, ``vdivpd``, ``vsqrtpd`` on AVX2) behind a run-time
 check that no output overlaps an input. The in-place wrapper's outputs are its inputs, so it has a
-loop of its own, `_in_place`, that reads and writes each array at one index and passes each array
-once, for which that check passes.
+loop of its own, ``in_place``, that reads and writes each array at one index and passes each
+array once, for which that check passes.
 
 Compiled code is cached on disk (``cache=True``) where numba finds a writable place for it
-(beside this file, else numba's user cache folder; ``NUMBA_CACHE_DIR`` chooses another). Inputs
-are passed read-only and C-contiguous, outputs writable, so each loop compiles to one signature
-per dtype whatever the caller's arrays are.
+(beside the loops' file, else numba's user cache folder; ``NUMBA_CACHE_DIR`` chooses another).
+Inputs are passed read-only and C-contiguous, outputs writable, so each loop compiles to one
+signature per dtype whatever the caller's arrays are.
 """
 
 from __future__ import annotations

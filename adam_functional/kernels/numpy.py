@@ -2,7 +2,9 @@
 
 This is the formula of ``docs/algorithm.md`` in code; every other backend is held to its results
 bit for bit. `adam_leaf` walks the data in blocks of `BLOCK_SIZE` elements, so that its temporaries
-stay in cache and no full-size temporary is ever made.
+stay in cache and no full-size temporary is ever made; the temporaries are kept between steps,
+per thread (`kernels.scratch`). Arrays of a few float64 elements are computed in Python floats
+instead (`scalar`), with the same operations in the same order, and so the same bits.
 
 The per-step scalars are folded once (`fold`), so that an element costs one division and one
 square root, where the notebook's order takes three divisions; the results agree with the
@@ -43,7 +45,7 @@ __all__ = [
 #: its length; at 32768 elements that overhead is small next to the arithmetic, and the block's
 #: seven operands and two to four temporaries (2 to 3 MiB of float64) stay in cache. Measured at
 #: 4e6 float64 elements, in place, 8192 took 1.25 times as long; the temporaries, 256 KiB each in
-#: float64, are all a step allocates beyond its outputs.
+#: float64, kept from step to step, are all the memory a step uses beyond its outputs.
 BLOCK_SIZE = 32768
 
 
