@@ -223,8 +223,11 @@ def prepare_one(
         return None
     if in_place:
         flags = p.flags
-        owner = _owner(p)
-        if not (flags.writeable and flags.c_contiguous) or owner is None or owner is _owner(g):
+        owner, g_owner = _owner(p), _owner(g)
+        # An owner that is unknown may be anyone's: the general path compares memory bounds.
+        if not (flags.writeable and flags.c_contiguous) or owner is None or g_owner is None:
+            return None
+        if owner is g_owner:
             return None
     if config.nonfinite != "propagate" and _gradient_problem(g, p, moments, state, config):
         return None

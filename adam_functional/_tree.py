@@ -455,7 +455,7 @@ class _Walks(NamedTuple):
 #: Structures with more nodes, or more levels, are walked by the general code only.
 _COMPILE_NODES = 4096
 _COMPILE_DEPTH = 48
-_CANONICAL: dict[TreeDef, TreeDef] = {}
+_CANONICAL: dict[tuple[TreeDef, Any], TreeDef] = {}
 _WALKS: dict[int, tuple[TreeDef, _Walks | None]] = {}
 _last_flattened: dict[tuple[str, bool], TreeDef] = {}
 _CACHE_SIZE = 256
@@ -470,15 +470,26 @@ def _canonical(treedef: TreeDef) -> TreeDef:
     cannot be hashed)."""
     if treedef is None:
         return None
+    # Keys that are equal but of other types (1, 1.0 and True; a str and a str Enum) make equal
+    # definitions of different trees: the key's types are part of the structure.
+    key = (treedef, _key_types(treedef))
     try:
-        found = _CANONICAL.get(treedef)
+        found = _CANONICAL.get(key)
     except TypeError:  # A record node holding an array.
         return treedef
     if found is not None:
         return found
     if len(_CANONICAL) >= _CACHE_SIZE:
         _evict_oldest(_CANONICAL)
-    return _CANONICAL.setdefault(treedef, treedef)
+    return _CANONICAL.setdefault(key, treedef)
+
+
+def _key_types(treedef: TreeDef) -> Any:
+    if treedef is None:
+        return None
+    _, keys, children = treedef
+    types = tuple(map(type, keys)) if type(keys) is tuple else None
+    return (types, tuple(_key_types(child) for child in children))
 
 
 def _walks(treedef: TreeDef) -> _Walks | None:
@@ -506,7 +517,7 @@ def _evict_oldest(cache: dict[Any, Any]) -> None:
 def _compile(treedef: TreeDef) -> _Walks:
     constants: list[Any] = [np.ndarray]
     reads: list[tuple[str, str, str]] = []  # (variable, expression, check), in walk order
-    order: dict[str, str] = {}  # the keys, in order, of each mapping (for the exact walk)
+    order: dict[str, tuple[str, str]] = {}  # each mapping's keys and their types (exact walk)
     leaves: list[str] = []
 
     def constant(value: Any) -> str:
@@ -533,7 +544,8 @@ def _compile(treedef: TreeDef) -> _Walks:
             )
         )
         if keys is not None:
-            order[name] = constant(keys)
+            # The keys in order, and their types: 1, 1.0 and True are equal keys of other trees.
+            order[name] = (constant(keys), constant(tuple(map(type, keys))))
             items = [
                 (constant(key), walk(child, f"{name}[{constant(key)}]", depth + 1))
                 for key, child in zip(keys, children)
@@ -560,7 +572,11 @@ def _compile(treedef: TreeDef) -> _Walks:
             if check:
                 lines.append(f"        if {check}: return None")
             if exact and variable in order:
-                lines.append(f"        if tuple({variable}) != {order[variable]}: return None")
+                keys, types = order[variable]
+                lines.append(
+                    f"        if tuple({variable}) != {keys} "
+                    f"or tuple(map(type, {variable})) != {types}: return None"
+                )
         lines += [
             "    except (KeyError, IndexError, TypeError):",
             "        return None",

@@ -254,7 +254,17 @@ class _Made:
     can change, so the leaves are compared, by identity, at every use.
     """
 
-    __slots__ = ("configs", "dtypes", "flats", "leaves", "params", "ref", "shapes", "treedef")
+    __slots__ = (
+        "configs",
+        "dtypes",
+        "flats",
+        "layouts",
+        "leaves",
+        "params",
+        "ref",
+        "shapes",
+        "treedef",
+    )
 
     def __init__(
         self,
@@ -271,10 +281,17 @@ class _Made:
         self.shapes = [p.shape for p in step.params]
         self.dtypes = [p.dtype for p in step.params]
         self.leaves = (*fresh.m, *fresh.v, *fresh.v_max)
+        # Shapes and strides can be assigned to an array in place: a view that was given new
+        # ones no longer reads its part of the flat buffer.
+        self.layouts = [None if x is None else (x.shape, x.strides) for x in self.leaves]
         self.flats = fresh.flats
         # Weakly: the parameters belong to the caller, who may drop them before the state.
         self.params = {
-            group: (weakref.ref(flat.p), [weakref.ref(fresh.p[i]) for i in group])
+            group: (
+                weakref.ref(flat.p),
+                [weakref.ref(fresh.p[i]) for i in group],
+                [(fresh.p[i].shape, fresh.p[i].strides) for i in group],
+            )
             for group, flat in fresh.flats.items()
         }
 
@@ -308,7 +325,8 @@ class _Made:
         )
         made = self.leaves
         if len(made) != 3 * count or any(
-            a is not b for a, b in zip(made, itertools.chain(m, v, v_max))
+            a is not b or (a is not None and (a.shape, a.strides) != layout)
+            for a, b, layout in zip(made, itertools.chain(m, v, v_max), self.layouts)
         ):
             return None
         t, streak = state.t, state.consecutive_skips
@@ -319,10 +337,13 @@ class _Made:
         the views of the buffer that the previous step returned (else None: gathered)."""
         known = {}
         for group, flat in self.flats.items():
-            buffer, views = self.params[group]
+            buffer, views, layouts = self.params[group]
             p = buffer()
             if p is not None:
-                if all(params[i] is view() for i, view in zip(group, views)):
+                if all(
+                    params[i] is view() and (params[i].shape, params[i].strides) == layout
+                    for i, view, layout in zip(group, views, layouts)
+                ):
                     p = p[flat.start : flat.stop]
                 else:
                     p = None

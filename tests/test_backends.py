@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from adam_functional import Adam, AdamConfig, adam_init, adam_update, backend, kernels
+from adam_functional import Adam, AdamConfig, AdamState, adam_init, adam_update, backend, kernels
 from adam_functional.kernels import Inputs, Outputs
 from adam_functional.kernels import numpy as reference
 
@@ -207,3 +207,61 @@ def test_the_environment_variable_forces_numba():
     result = _run_with("numba")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["numba", "0.5"]
+
+
+def _run_with_broken_numba(tmp_path, env_value):
+    # A numba that is installed but breaks as it imports.
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text("raise RuntimeError('a broken build')\n")
+    code = (
+        "import warnings, numpy\n"
+        "import adam_functional\n"
+        "from adam_functional import Adam, backend\n"
+        "print(backend())\n"
+        "W = numpy.ones(1 << 17)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    Adam(lr=0.5, eps=0.0).step(W, numpy.ones(1 << 17))\n"
+        "print(backend(), W[0], [str(w.message) for w in caught])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "ADAM_FUNCTIONAL_BACKEND": env_value}
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+
+
+def test_a_numba_that_breaks_as_it_imports_is_refused_when_forced(tmp_path):
+    result = _run_with_broken_numba(tmp_path, "numba")
+    assert result.returncode != 0
+    assert (
+        "ImportError: ADAM_FUNCTIONAL_BACKEND=numba, but numba cannot be imported" in result.stderr
+    )
+
+
+def test_a_numba_that_breaks_as_it_imports_leaves_the_steps_to_numpy(tmp_path):
+    result = _run_with_broken_numba(tmp_path, "")
+    assert result.returncode == 0, result.stderr
+    first, second = result.stdout.splitlines()
+    assert first == "numba"  # Installed: chosen, and loaded at the first large step.
+    assert second.startswith("numpy 0.5 [")
+    assert "numba cannot be imported (a broken build); the NumPy kernels take the steps" in second
+
+
+@pytest.mark.skipif(
+    _numba is None, reason="numba is not installed (pip install 'adam-functional[numba]')"
+)
+def test_a_v_max_of_negative_zero_with_eps_of_negative_zero_agrees():
+    # A forged state: v below zero and v_max -0.0, so that the denominator is sqrt(-0.0) - 0.0,
+    # -0.0, and the step's infinity takes its sign from it in every backend alike.
+    config = AdamConfig(lr=0.1, eps=-0.0, amsgrad=True, nonfinite="propagate")
+    n = 40
+    state = AdamState(m=np.ones(n), v=-np.ones(n), t=2, v_max=np.full(n, -0.0))
+    results = []
+    for name in BACKENDS:
+        with kernels.use_backend(name):
+            new, new_state = adam_update(np.ones(n), np.zeros(n), state, config)
+        results.append((new, new_state.v_max))
+    for got in results[1:]:
+        _assert_same(results[0], got)
+    # step / -0.0 is -inf, and p - (-inf) is +inf (a denominator of +0.0 would give -inf).
+    assert np.all(results[0][0] == np.inf)

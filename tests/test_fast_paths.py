@@ -330,3 +330,55 @@ def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
             assert compiled, name
         with kernels.use_backend("numba"):
             assert kernels.squares_fit(g, work) == compiled
+
+
+def test_a_gradient_of_unknown_owner_over_the_parameter_is_read_from_a_copy():
+    import ctypes
+
+    config = AdamConfig(lr=0.1, weight_decay=0.5, decoupled_weight_decay=True)
+    results = []
+    for wrap in (lambda a: a, lambda a: [a]):  # the one-array pass, and the general path
+        opt = Adam.from_config(config)
+        p = np.linspace(1.0, 2.0, 100)
+        opt.step(wrap(p), wrap(np.ones(100)))
+        # The same memory as p, reached through a pointer: no reference says whose it is.
+        g = np.ctypeslib.as_array(p.ctypes.data_as(ctypes.POINTER(ctypes.c_double)), p.shape)
+        opt.step(wrap(p), wrap(g))
+        results.append(p.copy())
+    opt = Adam.from_config(config)
+    expected = np.linspace(1.0, 2.0, 100)
+    opt.step(expected, np.ones(100))
+    opt.step(expected, expected.copy())
+    for got in results:
+        _same_bits(got, expected)
+
+
+def test_keys_equal_to_those_of_another_tree_keep_their_types():
+    from enum import Enum
+
+    class Key(str, Enum):
+        A = "a"
+
+    config = AdamConfig()
+    p, g = np.ones(3), np.ones(3)
+    for first, second in [(1, True), (1, 1.0), ("a", Key.A), ("a", np.str_("a"))]:
+        adam_init({first: p, "z": [p]})  # the structure the walks learn first
+        new, state = adam_update(
+            {second: p, "z": [p]}, {second: g, "z": [g]}, adam_init({second: p, "z": [p]}), config
+        )
+        assert [type(k) for k in new] == [type(second), str]
+        assert [type(k) for k in state.m] == [type(second), str]
+
+
+def test_a_returned_parameter_given_other_strides_is_read_through_them():
+    config = AdamConfig(lr=0.1)
+    params = {"a": np.arange(4.0), "b": np.ones(3)}
+    grads = {"a": np.ones(4), "b": np.ones(3)}
+    new, state = adam_update(params, grads, adam_init(params), config)
+    with pytest.warns(DeprecationWarning, match="strides"):
+        new["a"].strides = (0,)  # the same object, reading its first element four times
+    got, _ = adam_update(new, grads, state, config)
+    alone, _ = adam_update(
+        np.array(new["a"]), np.ones(4), AdamState(state.m["a"], state.v["a"], 1), config
+    )
+    _same_bits(got["a"], alone)

@@ -217,6 +217,11 @@ class _Backend(NamedTuple):
     supports: Callable[[np.dtype, np.dtype, np.dtype, int], bool]
     #: The backend's quick gradient test, if it has one (see `squares_fit`).
     squares_fit: Callable[..., bool | None] | None
+    #: For a backend that loads what it needs at the first step that wants it: loads it now,
+    #: and says whether it could (then a warning has said why not).
+    load: Callable[[], bool] | None
+    #: Whether that loading failed.
+    failed: Callable[[], bool] | None
 
 
 _active: _Backend | None = None
@@ -227,7 +232,14 @@ _selected: dict[tuple[np.dtype, np.dtype, np.dtype], Kernel] = {}
 
 def _load(name: str) -> _Backend:
     module = importlib.import_module(BACKENDS[name][0])
-    return _Backend(name, module.adam_leaf, module.supports, getattr(module, "squares_fit", None))
+    return _Backend(
+        name,
+        module.adam_leaf,
+        module.supports,
+        getattr(module, "squares_fit", None),
+        getattr(module, "load", None),
+        getattr(module, "failed", None),
+    )
 
 
 def _choose() -> _Backend:
@@ -239,7 +251,11 @@ def _choose() -> _Backend:
                 f"{ENVIRONMENT_VARIABLE}: expected one of {', '.join(BACKENDS)}, got {forced!r}"
             )
         try:
-            return _load(forced)
+            chosen = _load(forced)
+            # Forced, it is wanted whatever the steps' sizes: what it loads late, load now.
+            if chosen.load is not None and not chosen.load():
+                raise ImportError(f"{forced} failed to load")
+            return chosen
         except ImportError as error:
             raise ImportError(
                 f"{ENVIRONMENT_VARIABLE}={forced}, but {forced} cannot be imported ({error}); "
@@ -317,13 +333,19 @@ def backend() -> str:
     The compiled numba backend is used when numba is installed
     (``pip install "adam-functional[numba]"``); the environment variable
     ``ADAM_FUNCTIONAL_BACKEND=numpy`` or ``numba`` forces one, and forcing numba where it is
-    missing raises ``ImportError``. Both give bit-for-bit the same results.
+    missing raises ``ImportError``. Both give bit-for-bit the same results. numba is imported at
+    the first step of 65,536 elements or more (at once, when forced); if it then fails to import,
+    a warning says so, the NumPy kernels take the steps, and this says ``"numpy"``.
 
     Raises:
       ValueError: the environment variable names no backend.
       ImportError: it forces numba, which cannot be imported.
     """
-    return _resolve().name
+    active = _resolve()
+    if active.failed is not None and active.failed():
+        assert _reference is not None
+        return _reference.name
+    return active.name
 
 
 @contextlib.contextmanager
@@ -344,9 +366,8 @@ def use_backend(name: str) -> Iterator[None]:
     _reference = _active if name == REFERENCE else _load(REFERENCE)
     _selected.clear()
     # Compared with another backend, this one computes every size itself.
-    load = getattr(importlib.import_module(BACKENDS[name][0]), "load", None)
-    if load is not None:
-        load()
+    if _active.load is not None:
+        _active.load()
     try:
         yield
     finally:

@@ -47,9 +47,9 @@ def _scalars(coef, flags):  # type: ignore[no-untyped-def]
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _element(pi, gi, mi, vi, vmi, coef, flags):  # type: ignore[no-untyped-def]
     # One element: the operations of the NumPy kernel's `_block`, in its order. Maximize is a
-    # product with -1.0, decoupled decay one with 1.0 when off and eps_root of 0.0 a sum with
-    # 0.0, all exact, so that the only branches are the flags, the same for every element,
-    # which LLVM hoists out of the loop.
+    # product with -1.0 and decoupled decay one with 1.0 when off, both exact, so that the only
+    # branches are the flags and whether eps_root is 0.0, the same for every element, which LLVM
+    # hoists out of the loop.
     gi = gi * coef[_SIGN]
     if flags[_USE_L2]:
         gi = gi + pi * coef[_L2]
@@ -65,7 +65,9 @@ def _element(pi, gi, mi, vi, vmi, coef, flags):  # type: ignore[no-untyped-def]
     step = mi * coef[_STEP_M]
     if flags[_NESTEROV]:
         step = step + gi * coef[_STEP_G]
-    denom = np.sqrt(second + coef[_EPS_ROOT]) + coef[_EPS]
+    # eps_root only when it is not 0.0, as the reference: -0.0 + 0.0 would be +0.0.
+    root_of = second + coef[_EPS_ROOT] if coef[_EPS_ROOT] != 0.0 else second
+    denom = np.sqrt(root_of) + coef[_EPS]
     return pi - step / denom, mi, vi, second
 
 

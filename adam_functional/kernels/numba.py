@@ -38,7 +38,15 @@ from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, ravel, 
 from adam_functional.kernels import numpy as reference
 from adam_functional.kernels.numpy import fold
 
-__all__ = ["COMPILED_MIN", "PARALLEL_THRESHOLD", "adam_leaf", "load", "squares_fit", "supports"]
+__all__ = [
+    "COMPILED_MIN",
+    "PARALLEL_THRESHOLD",
+    "adam_leaf",
+    "failed",
+    "load",
+    "squares_fit",
+    "supports",
+]
 
 # Below this many elements one thread does the work: starting the others costs more than it saves.
 PARALLEL_THRESHOLD = 1 << 17
@@ -58,6 +66,11 @@ if importlib.util.find_spec("numba") is None:
     raise ModuleNotFoundError("No module named 'numba'", name="numba")
 
 
+def failed() -> bool:
+    """Whether numba failed to import at `load` (the reference kernel then takes the steps)."""
+    return _failed
+
+
 def load() -> bool:
     """Imports numba and the compiled loops, once; whether they are there. A numba that fails to
     import is reported once, as a warning, and the reference kernel takes the steps."""
@@ -68,7 +81,7 @@ def load() -> bool:
         if _loops is None and not _failed:
             try:
                 from adam_functional.kernels import _numba_loops
-            except ImportError as error:
+            except Exception as error:  # A broken install may raise anything as it imports.
                 _failed = True
                 warnings.warn(
                     f"numba cannot be imported ({error}); the NumPy kernels take the steps",
