@@ -5,6 +5,10 @@ and decides what the step does, writing nothing: it returns a `Step`, or raises.
 hands each leaf to its kernel, with the outputs the caller chose: fresh arrays for `adam_update`,
 the arrays themselves and the optimizer's buffers for `Adam.step`. A check added here holds for
 both APIs, and since every check runs before `run`, a step that raises has changed nothing.
+
+`prepare_one` is `prepare_step` for one NumPy array in the common case, in one pass; it defers
+to `prepare_step` wherever a check would not plainly pass. `run_fresh` runs the pure update's
+step into fresh arrays, the small leaves of a tree in flat batches (`batches`).
 """
 
 from __future__ import annotations
