@@ -175,7 +175,7 @@ def prepare_step(
         dtype = config.moments_dtype(p.dtype)
         if state is not None:
             if state.origin is not None:
-                _check_fit(state, p, dtype, config, paths[index])
+                _check_fit(state, p, dtype, config, paths, index)
             if state.consecutive_skips > streak:
                 streak = state.consecutive_skips
         moments.append(dtype)
@@ -275,22 +275,28 @@ def _coefficients(
 
 
 def _check_fit(
-    state: LeafState, p: np.ndarray, moments: np.dtype, config: AdamConfig, path: str
+    state: LeafState,
+    p: np.ndarray,
+    moments: np.dtype,
+    config: AdamConfig,
+    paths: LeafPaths,
+    index: int,
 ) -> None:
+    # Paths are formatted only for an error: formatting them all costs more than the checks.
     if state.m.shape != p.shape:
         raise ValueError(
-            f"{path}: expected dtype {p.dtype} and shape {state.m.shape} {state.origin}, got "
-            f"dtype {p.dtype} and shape {p.shape}"
+            f"{paths[index]}: expected dtype {p.dtype} and shape {state.m.shape} "
+            f"{state.origin}, got dtype {p.dtype} and shape {p.shape}"
         )
     if state.m.dtype != moments:
         raise ValueError(
-            f"{path}: expected moments of dtype {moments} for {p.dtype} parameters with "
+            f"{paths[index]}: expected moments of dtype {moments} for {p.dtype} parameters with "
             f"moment_dtype={config.moment_dtype!r}, got a state of {state.m.dtype} moments "
             f"{state.origin}"
         )
     if config.amsgrad != (state.v_max is not None):
         raise ValueError(
-            f"{path}: expected a state {'with' if config.amsgrad else 'without'} v_max for "
+            f"{paths[index]}: expected a state {'with' if config.amsgrad else 'without'} v_max for "
             f"amsgrad={config.amsgrad}, got one {'without' if config.amsgrad else 'with'} "
             f"{state.origin}"
         )
@@ -867,7 +873,7 @@ def _prepare_array_api(
         moments.append(moments_dtype(xp, p.dtype, config))
     for index, (state, p) in enumerate(zip(states, leaves)):
         if state is not None and state.origin is not None:
-            _check_fit(state, p, moments[index], configs[index], paths[index])
+            _check_fit(state, p, moments[index], configs[index], paths, index)
     lazy = any(is_lazy(a) for a in (*leaves, *g_leaves))
     taken = None
     skip_streak = 0

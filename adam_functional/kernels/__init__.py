@@ -21,7 +21,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -119,21 +119,33 @@ class Kernel(Protocol):
 # Scratch buffers kept between steps, per thread: a buffer made afresh at every step would be
 # memory the C library hands back and the kernel page-faults in again, at every step.
 _scratch = threading.local()
+# Views of the buffers by shape, kept too (a view costs a microsecond); at most this many.
+_SCRATCH_VIEWS = 256
 
 
 def scratch(name: str, shape: int | tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """A scratch array of ``shape`` and ``dtype``, over a buffer this thread keeps under ``name``
     (grown when too small): its values are whatever the last user left."""
+    views: dict[tuple[str, np.dtype, Any], np.ndarray] | None = getattr(_scratch, "views", None)
+    if views is None:
+        views = _scratch.views = {}
+        _scratch.buffers = {}
+    view = views.get((name, dtype, shape))
+    if view is not None:
+        return view
+    buffers: dict[tuple[str, np.dtype], np.ndarray] = _scratch.buffers
     size = shape if isinstance(shape, int) else math.prod(shape)
-    buffers: dict[tuple[str, np.dtype], np.ndarray] | None = getattr(_scratch, "buffers", None)
-    if buffers is None:
-        buffers = _scratch.buffers = {}
-    key = (name, dtype)
-    buffer = buffers.get(key)
+    buffer = buffers.get((name, dtype))
     if buffer is None or buffer.shape[0] < size:
-        buffer = buffers[key] = np.empty(size, dtype)
-    view = buffer[:size]
-    return view if isinstance(shape, int) else view.reshape(shape)
+        buffer = buffers[name, dtype] = np.empty(size, dtype)
+        # Views of the buffer this one replaces: made anew over the new one when next asked.
+        for key in [key for key in views if key[:2] == (name, dtype)]:
+            del views[key]
+    view = buffer[:size] if isinstance(shape, int) else buffer[:size].reshape(shape)
+    if len(views) >= _SCRATCH_VIEWS:
+        views.clear()
+    views[name, dtype, shape] = view
+    return view
 
 
 def flat(x: Inputs, out: Outputs) -> tuple[Inputs, Outputs]:
