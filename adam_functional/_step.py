@@ -343,14 +343,11 @@ BATCH_SIZE = 1 << 14
 
 
 class Flat(NamedTuple):
-    """Where one batch's new values lie: its flat (sealed) moments, and elements ``start:stop``
-    of a flat buffer of parameters."""
+    """One batch's new values, as flat arrays: each leaf's are a view of them."""
 
-    #: The flat buffer of the batch's new parameters (writeable).
+    #: The new parameters (writeable).
     p: np.ndarray
-    start: int
-    stop: int
-    #: The batch's slices of the flat (sealed) moment buffers; ``v_max`` None without AMSGrad.
+    #: The new moments (sealed); ``v_max`` None without AMSGrad.
     m: np.ndarray
     v: np.ndarray
     v_max: np.ndarray | None
@@ -459,7 +456,7 @@ def run_fresh(
         sealed = Outputs(
             out.p, seal(out.m), seal(out.v), None if out.v_max is None else seal(out.v_max)
         )
-        flats[group] = Flat(out.p, 0, total, sealed.m, sealed.v, sealed.v_max)
+        flats[group] = Flat(*sealed)
         offset = 0
         for index in group:
             shape = step.params[index].shape

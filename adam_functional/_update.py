@@ -339,14 +339,11 @@ class _Made:
         for group, flat in self.flats.items():
             buffer, views, layouts = self.params[group]
             p = buffer()
-            if p is not None:
-                if all(
-                    params[i] is view() and (params[i].shape, params[i].strides) == layout
-                    for i, view, layout in zip(group, views, layouts)
-                ):
-                    p = p[flat.start : flat.stop]
-                else:
-                    p = None
+            if p is not None and not all(
+                params[i] is view() and (params[i].shape, params[i].strides) == layout
+                for i, view, layout in zip(group, views, layouts)
+            ):
+                p = None
             known[group] = (p, flat.m, flat.v, flat.v_max)
         return known
 
