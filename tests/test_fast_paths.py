@@ -33,6 +33,9 @@ CONFIGS = [
     AdamConfig(lr=0.01, nesterov=True, eps_root=1e-6, amsgrad=True, weight_decay=0.1),
     # eps of -0.0 and a v_max of -0.0 divide by -0.0: the sign of the infinity counts.
     AdamConfig(lr=0.1, eps=-0.0, amsgrad=True, nonfinite="propagate"),
+    # Every option off, as the Python-float kernel's short loop takes: eps of 0.0 divides by
+    # zero where v is 0.0, which that loop leaves to the full one.
+    AdamConfig(lr=0.1, eps=0.0, nonfinite="propagate"),
 ]
 SPECIAL = np.array([0.0, -0.0, 1e-310, -1e-310, 1e300, -1e300, np.nan, np.inf, -np.inf, 1.0, -3.5])
 
@@ -308,7 +311,12 @@ def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
     assert numba_backend.load()
     work = np.dtype(dtype)
     root = np.sqrt(np.finfo(work).max)  # the largest |g| whose square fits
-    big = np.ones(1 << 15, work)
+    # The compiled check reads four quarters side by side and then the few elements left: a bad
+    # value in each of them, and at both ends of a chunk, must be found.
+    n = (1 << 15) + 3
+    quarter = n // 4
+    places = [0, quarter - 1, quarter, 2 * quarter + 4095, 2 * quarter + 4096, 3 * quarter, n - 1]
+    big = np.ones(n, work)
     cases = {"ones": big}
     for name, value in [
         ("nan", np.nan),
@@ -317,9 +325,10 @@ def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
         ("the root", root),
         ("below the root", np.nextafter(root, 0)),
     ]:
-        g = big.copy()
-        g[-3] = value
-        cases[name] = g
+        for place in places:
+            g = big.copy()
+            g[place] = value
+            cases[f"{name} at {place}"] = g
     for name, g in cases.items():
         compiled = numba_backend.squares_fit(g, float(root))
         # NumPy's sum of squares may not tell (its sum overflows): it then says False, and the
@@ -328,9 +337,9 @@ def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
         assert compiled is not None
         if by_numpy:
             assert compiled, name
-        if name in ("nan", "inf", "above the root"):
+        if name.startswith(("nan", "inf", "above the root")):
             assert not compiled, name
-        if name in ("ones", "the root", "below the root"):
+        else:
             assert compiled, name
         with kernels.use_backend("numba"):
             assert kernels.squares_fit(g, work) == compiled

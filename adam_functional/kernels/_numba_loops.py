@@ -14,7 +14,7 @@ __all__ = ["in_place", "parallel", "parallel_in_place", "serial", "squares_fit"]
 
 # Elements a thread takes at a time in the parallel loops.
 _CHUNK = 1 << 14
-# Elements the finiteness check reads between two looks at what it found.
+# Elements of each quarter the finiteness check reads between two looks at what it found.
 _CHECK_CHUNK = 1 << 12
 
 # Positions in the coefficient array, which carries the scalars in the work dtype so that every
@@ -131,14 +131,28 @@ def parallel_in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def squares_fit(g, limit):  # type: ignore[no-untyped-def]
-    # Whether every |g| <= limit (False for NaN), chunk by chunk: within a chunk the comparison
-    # is an OR over all its elements, which LLVM vectorizes; a chunk that fails ends the walk.
+    # Whether every |g| <= limit (False for NaN). The array is read as four quarters side by
+    # side: four streams keep more loads in flight than one, and the check reads at the
+    # memory's speed (one stream took twice as long). Each quarter's chunk is a slice indexed
+    # from 0, so LLVM drops the check for negative indices and vectorizes the OR over the
+    # chunk; a chunk that fails ends the walk.
     n = g.shape[0]
-    for start in range(0, n, _CHECK_CHUNK):
-        stop = min(n, start + _CHECK_CHUNK)
+    q = n // 4
+    for start in range(0, q, _CHECK_CHUNK):
+        k = min(_CHECK_CHUNK, q - start)
+        a = g[start : start + k]
+        b = g[q + start : q + start + k]
+        c = g[2 * q + start : 2 * q + start + k]
+        d = g[3 * q + start : 3 * q + start + k]
         bad = False
-        for i in range(start, stop):
-            bad |= not (abs(g[i]) <= limit)
+        for i in range(k):
+            bad |= not (abs(a[i]) <= limit)
+            bad |= not (abs(b[i]) <= limit)
+            bad |= not (abs(c[i]) <= limit)
+            bad |= not (abs(d[i]) <= limit)
         if bad:
             return False
-    return True
+    bad = False
+    for i in range(4 * q, n):
+        bad |= not (abs(g[i]) <= limit)
+    return not bad

@@ -253,19 +253,87 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     its order, each rounded as NumPy rounds it, so the results are the same bit for bit.
 
     Python raises where NumPy gives inf or NaN (a division by zero, the square root of a
-    negative number); those cases are spelled out.
+    negative number). The plain configuration takes a short loop that cannot meet either but by
+    raising, and then the full loop, which spells those cases out, takes the step again.
     """
-    step_m, step_g, eps, eps_root = fold(c)
-    beta1, one_minus_beta1 = c.beta1, c.one_minus_beta1
-    beta2, one_minus_beta2 = c.beta2, c.one_minus_beta2
-    l2, decay, maximize, amsgrad = c.l2, c.decay, c.maximize, c.amsgrad
     ps, gs, ms, vs = (
         x.p.ravel().tolist(),
         x.g.ravel().tolist(),
         x.m.ravel().tolist(),
         x.v.ravel().tolist(),
     )
-    v_maxes = x.v_max.ravel().tolist() if amsgrad and x.v_max is not None else None
+    step_m, step_g, eps, eps_root = fold(c)
+    results: tuple[list[float], list[float], list[float], list[float] | None] | None = None
+    if (
+        step_g is None
+        and eps_root == 0.0
+        and c.l2 == 0.0
+        and c.decay is None
+        and not (c.maximize or c.amsgrad)
+    ):
+        try:
+            results = _plain(
+                ps, gs, ms, vs, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, step_m, eps
+            )
+        except (ZeroDivisionError, ValueError):
+            results = None
+    if results is None:
+        results = _every_option(ps, gs, ms, vs, x.v_max, c, step_m, step_g, eps, eps_root)
+    new_p, new_m, new_v, new_v_max = results
+    _store(out.p, new_p)
+    _store(out.m, new_m)
+    _store(out.v, new_v)
+    if out.v_max is not None and new_v_max is not None:
+        _store(out.v_max, new_v_max)
+
+
+def _store(a: np.ndarray, values: list[float]) -> None:
+    if a.flags.c_contiguous:
+        a.ravel()[:] = values  # A view: quicker than `flat`.
+    else:
+        a.flat[:] = values
+
+
+def _plain(
+    ps: list[float],
+    gs: list[float],
+    ms: list[float],
+    vs: list[float],
+    beta1: float,
+    one_minus_beta1: float,
+    beta2: float,
+    one_minus_beta2: float,
+    step_m: float,
+    eps: float,
+) -> tuple[list[float], list[float], list[float], list[float] | None]:
+    # `_every_option` with every option off; raises where the numbers would take a special case.
+    sqrt = math.sqrt
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v in zip(ps, gs, ms, vs):
+        m = m * beta1 + g * one_minus_beta1
+        v = v * beta2 + (g * g) * one_minus_beta2
+        new_p.append(p - (m * step_m) / (sqrt(v) + eps))
+        new_m.append(m)
+        new_v.append(v)
+    return new_p, new_m, new_v, None
+
+
+def _every_option(
+    ps: list[float],
+    gs: list[float],
+    ms: list[float],
+    vs: list[float],
+    v_max: np.ndarray | None,
+    c: Coefficients,
+    step_m: float,
+    step_g: float | None,
+    eps: float,
+    eps_root: float,
+) -> tuple[list[float], list[float], list[float], list[float] | None]:
+    beta1, one_minus_beta1 = c.beta1, c.one_minus_beta1
+    beta2, one_minus_beta2 = c.beta2, c.one_minus_beta2
+    l2, decay, maximize, amsgrad = c.l2, c.decay, c.maximize, c.amsgrad
+    v_maxes = v_max.ravel().tolist() if amsgrad and v_max is not None else None
     new_p, new_m, new_v, new_v_max = [], [], [], []
     sqrt = math.sqrt
     for i, g in enumerate(gs):
@@ -300,11 +368,7 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
         new_p.append(p - step)
         new_m.append(m)
         new_v.append(v)
-    out.p.flat[:] = new_p
-    out.m.flat[:] = new_m
-    out.v.flat[:] = new_v
-    if out.v_max is not None:
-        out.v_max.flat[:] = new_v_max
+    return new_p, new_m, new_v, new_v_max
 
 
 def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
