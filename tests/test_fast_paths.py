@@ -313,9 +313,20 @@ def test_the_compiled_gradient_check_decides_as_the_numpy_one(dtype):
     root = np.sqrt(np.finfo(work).max)  # the largest |g| whose square fits
     # The compiled check reads four quarters side by side and then the few elements left: a bad
     # value in each of them, and at both ends of a chunk, must be found.
-    n = (1 << 15) + 3
+    from adam_functional.kernels import _numba_loops
+
+    chunk = _numba_loops._CHECK_CHUNK
+    n = 8 * chunk + 3
     quarter = n // 4
-    places = [0, quarter - 1, quarter, 2 * quarter + 4095, 2 * quarter + 4096, 3 * quarter, n - 1]
+    places = [
+        0,
+        quarter - 1,
+        quarter,
+        2 * quarter + chunk - 1,
+        2 * quarter + chunk,
+        3 * quarter,
+        n - 1,
+    ]
     big = np.ones(n, work)
     cases = {"ones": big}
     for name, value in [
