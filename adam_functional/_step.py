@@ -16,7 +16,7 @@ from __future__ import annotations
 import array
 import math
 import mmap
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -41,6 +41,7 @@ __all__ = [
     "Flat",
     "Fresh",
     "LeafState",
+    "Plan",
     "Step",
     "batches",
     "configs_for",
@@ -91,6 +92,26 @@ class Step(NamedTuple):
     #: For lazy arrays (under jax.jit, or dask) with ``nonfinite="skip"``: a 0-d boolean array,
     #: whether the step is taken, for the caller to select with ``where``; else None.
     taken: Any = None
+    #: With ``batched=True``: what was decided from dtypes and configs, the batches among it.
+    plan: Plan | None = None
+    #: The batches whose gradients `run_fresh` checks, gathered (see `prepare_step`).
+    unchecked: tuple[tuple[int, ...], ...] = ()
+
+
+class Plan(NamedTuple):
+    """What a batched step decides from the leaves' dtypes and the configs alone, before it looks
+    at a value: kept by the pure update for its next step over the same parameters (structure,
+    shapes, dtypes) and configs, and taken while the gradients' dtypes and the kernels `select`
+    gives are the same."""
+
+    #: The gradients' dtypes it was made for.
+    grads: list[np.dtype]
+    moments: list[np.dtype]
+    kernels: list[Kernel]
+    #: The leaves in groups, one kernel call each (`batches`).
+    groups: list[tuple[int, ...]]
+    #: `kernels.selection` when it was made.
+    selection: tuple[object, int]
 
 
 def plain(array: np.ndarray) -> np.ndarray:
@@ -137,6 +158,9 @@ def prepare_step(
     configs: Sequence[AdamConfig],
     *,
     in_place: bool,
+    batched: bool = False,
+    defer: bool = True,
+    plan: Plan | None = None,
 ) -> Step:
     """Checks one step over the parameter ``leaves`` (of the tree ``treedef``) and plans it.
 
@@ -144,6 +168,12 @@ def prepare_step(
     parameter that starts from zero moments), and its hyperparameters. A state whose ``origin``
     is None has been checked against its parameter by the caller. ``in_place`` says the kernel
     will write the parameters themselves, which must then be writeable and overlap nothing.
+    ``batched`` (the pure update) groups the small leaves into batches, and leaves the check of
+    a batch's gradients to `run_fresh`, which makes it on the batch gathered into one flat array:
+    one pass, in cache, where a leaf by leaf check would take one call per leaf. ``defer=False``
+    checks every leaf here, as `run_fresh` asks when a batch fails its check. ``plan``, the
+    `Step.plan` of the previous step over these parameters and configs, spares it deciding again
+    what dtypes and configs decide.
 
     Raises:
       TypeError: a parameter is not a floating-point (writeable) array, or a gradient holds no
@@ -167,36 +197,107 @@ def prepare_step(
         if type(g) is not np.ndarray or g.shape != p.shape or g.dtype.kind not in "fiu":
             g = _as_grad(g, p, g_paths, index)
         grads_arrays.append(g)
-    moments = []
-    choose = []
+    if plan is not None and (
+        not kernels.same_selection(plan.selection)
+        or any(g.dtype != dtype for g, dtype in zip(grads_arrays, plan.grads))
+    ):
+        plan = None
+    moments = (
+        plan.moments
+        if plan is not None
+        else [config.moments_dtype(p.dtype) for p, config in zip(params, configs)]
+    )
     streak = 0
-    total = sum(p.size for p in params)
-    for index, (state, p, g, config) in enumerate(zip(states, params, grads_arrays, configs)):
-        dtype = config.moments_dtype(p.dtype)
+    for index, state in enumerate(states):
         if state is not None:
             if state.origin is not None:
-                _check_fit(state, p, dtype, config, paths, index)
+                _check_fit(state, params[index], moments[index], configs[index], paths, index)
             if state.consecutive_skips > streak:
                 streak = state.consecutive_skips
-        moments.append(dtype)
-        choose.append(kernels.select(p.dtype, g.dtype, dtype, total))
     streak += 1
+    if plan is None:
+        total = sum(p.size for p in params)
+        choose = [
+            kernels.select(p.dtype, g.dtype, dtype, total)
+            for p, g, dtype in zip(params, grads_arrays, moments)
+        ]
+    else:
+        choose = plan.kernels
     if in_place:
         _copy_overlapping(grads_arrays, params)
-    # Every leaf is looked at: a bad gradient whose config raises wins over one whose skips.
+    unchecked: tuple[tuple[int, ...], ...] = ()
+    if batched:
+        if plan is None:
+            plan = Plan(
+                [g.dtype for g in grads_arrays],
+                moments,
+                choose,
+                batches(params, grads_arrays, moments, configs, choose),
+                kernels.selection(),
+            )
+        if defer:
+            unchecked = tuple(
+                group
+                for group in plan.groups
+                if len(group) > 1 and _batch_checkable(configs[group[0]])
+            )
+    deferred = {index for group in unchecked for index in group}
+    check = [
+        index
+        for index, config in enumerate(configs)
+        if config.nonfinite != "propagate" and index not in deferred
+    ]
+    bad = _gradients_checked(check, grads_arrays, params, states, configs, moments, streak, g_paths)
+    # A bad gradient whose config raises wins over one whose skips: the batches are looked at
+    # before a skip, and before a schedule's error, as they would have been first.
+    if bad:
+        _gradients_checked(
+            deferred, grads_arrays, params, states, configs, moments, streak, g_paths
+        )
+        return Step(params, grads_arrays, None, choose, moments, streak)
+    try:
+        coefficients = _coefficients(states, configs)
+    except Exception:
+        if _gradients_checked(
+            deferred, grads_arrays, params, states, configs, moments, streak, g_paths
+        ):
+            return Step(params, grads_arrays, None, choose, moments, streak)
+        raise
+    return Step(params, grads_arrays, coefficients, choose, moments, 0, None, None, plan, unchecked)
+
+
+def _batch_checkable(config: AdamConfig) -> bool:
+    """Whether one quick test of a batch's gathered gradients can stand for its leaves' checks:
+    they share this config, and a dtype that is the one the step computes in."""
+    return config.nonfinite != "propagate" and not (
+        config.weight_decay > 0 and not config.decoupled_weight_decay
+    )
+
+
+def _gradients_checked(
+    indices: Iterable[int],
+    grads: list[np.ndarray],
+    params: list[np.ndarray],
+    states: Sequence[LeafState | None],
+    configs: Sequence[AdamConfig],
+    moments: list[np.dtype],
+    streak: int,
+    paths: LeafPaths,
+) -> bool:
+    """Checks the gradients of the leaves ``indices``, in order: raises for the first bad one
+    whose config says to raise, and returns whether a bad one may be skipped."""
     skip = False
-    for index, (g, p, state, config) in enumerate(zip(grads_arrays, params, states, configs)):
-        if config.nonfinite == "propagate":
-            continue
-        problem = _gradient_problem(g, p, moments[index], state, config)
+    for index in sorted(indices):
+        config = configs[index]
+        problem = _gradient_problem(
+            grads[index], params[index], moments[index], states[index], config
+        )
         if problem is None:
             continue
         if not _may_skip(config, streak):
-            raise _nonfinite_error(problem, g_paths[index], config, streak)
+            raise _nonfinite_error(problem, paths[index], config, streak)
         skip = True
-    if skip:
-        return Step(params, grads_arrays, None, choose, moments, streak)
-    return Step(params, grads_arrays, _coefficients(states, configs), choose, moments, 0)
+    return skip
 
 
 def prepare_one(
@@ -364,30 +465,36 @@ class Fresh(NamedTuple):
     flats: dict[tuple[int, ...], Flat]
 
 
-def batches(step: Step) -> list[tuple[int, ...]]:
-    """The leaves of a taken NumPy step in groups: one kernel call each.
+def batches(
+    params: Sequence[np.ndarray],
+    grads: Sequence[np.ndarray],
+    moments: Sequence[np.dtype],
+    configs: Sequence[AdamConfig],
+    chosen: Sequence[Kernel],
+) -> list[tuple[int, ...]]:
+    """The leaves of a NumPy step in groups: one kernel call each.
 
     Leaves of at most `BATCH_LEAF` elements whose parameters, gradients and moments share one
-    dtype, the one the step computes in, and whose scalars are the same go together, up to
-    `BATCH_SIZE` elements; every other leaf is a group of its own.
+    dtype, the one the step computes in, and whose config (hence scalars: the pure update's
+    leaves share one count) and kernel are the same go together, up to `BATCH_SIZE` elements;
+    every other leaf is a group of its own.
     """
-    assert step.coefficients is not None
     groups: list[list[int]] = []
     open_groups: dict[tuple[Any, ...], tuple[list[int], list[int]]] = {}
-    for index, (p, g, moments, c, kernel) in enumerate(
-        zip(step.params, step.grads, step.moments, step.coefficients, step.kernels)
+    for index, (p, g, dtype_m, config, kernel) in enumerate(
+        zip(params, grads, moments, configs, chosen)
     ):
         size = p.size
         dtype = p.dtype
         if (
             size > BATCH_LEAF
             or g.dtype != dtype
-            or moments != dtype
-            or kernels.work_dtype(dtype, moments) != dtype
+            or dtype_m != dtype
+            or kernels.work_dtype(dtype, dtype_m) != dtype
         ):
             groups.append([index])
             continue
-        key = (dtype, id(c), kernel)
+        key = (dtype, id(config), kernel)
         found = open_groups.get(key)
         if found is None or found[1][0] + size > BATCH_SIZE:
             found = open_groups[key] = ([], [0])
@@ -403,19 +510,22 @@ def run_fresh(
     known: dict[
         tuple[int, ...], tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray | None]
     ],
-) -> Fresh:
-    """Runs a taken step into fresh arrays, batch by batch (`batches`).
+) -> Fresh | None:
+    """Runs a taken step of `prepare_step` with ``batched=True`` into fresh arrays, batch by
+    batch; returns None, having written nothing but scratch and fresh arrays, when a batch fails
+    the check of its gathered gradients that `prepare_step` left to it (its leaves then need the
+    checks leaf by leaf: `prepare_step` with ``defer=False``).
 
-    A batch's gradients are gathered into a scratch buffer, and so are its parameters and
-    moments unless ``known`` gives their flat arrays ``(p or None, m, v, v_max)`` (those the
-    previous step made); its results are flat buffers of which each leaf gets a view. The moments
-    are sealed.
+    A batch's gradients are gathered into a scratch buffer, and so are its parameters and moments
+    unless ``known`` gives their flat arrays ``(p or None, m, v, v_max)`` (those the previous step
+    made); its results are flat buffers of which each leaf gets a view. The moments are sealed.
     """
     assert step.coefficients is not None
+    assert step.plan is not None, "a step prepared batched"
     count = len(step.params)
     new: list[list[Any]] = [[None] * count for _ in range(4)]
     flats = {}
-    for group in batches(step):
+    for group in step.plan.groups:
         first = group[0]
         c = step.coefficients[first]
         kernel = step.kernels[first]
@@ -438,6 +548,8 @@ def run_fresh(
         if flat_p is None:
             flat_p = _gathered([step.params[i] for i in group], "p", total, dtype)
         flat_g = _gathered([step.grads[i] for i in group], "g", total, dtype)
+        if group in step.unchecked and not kernels.squares_fit(flat_g, dtype):
+            return None
         moments = None if flat is None else flat[1:]
         if moments is None:
             v_max = [states[i].v_max for i in group]

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from typing import Any
 
@@ -202,14 +203,33 @@ def adam_update(
     if states is None:
         made = None
         states = _leaf_states(state, leaves, treedef, configs)
-    step = prepare_step(leaves, treedef, grads, states, configs, in_place=False)
-    if step.xp is not None:
-        return _update_array_api(step, states, state, treedef)
-    if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
-        copies = [np.array(p, copy=True) for p in step.params]
-        skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
-        return _tree.unflatten(treedef, copies), skipped
-    fresh = run_fresh(step, states, {} if made is None else made.known(step.params))
+    plan = None if made is None else made.plan
+    known = {} if made is None else made.known(leaves)
+    # First with the batches' checks left to the run, on their gathered gradients; a batch that
+    # fails there makes the run stop, and every leaf is checked on its own (which raises, skips,
+    # or finds the batch sound after all: a sum of squares may overflow where no square does).
+    for defer in (True, False):
+        step = prepare_step(
+            leaves,
+            treedef,
+            grads,
+            states,
+            configs,
+            in_place=False,
+            batched=True,
+            defer=defer,
+            plan=plan,
+        )
+        if step.xp is not None:
+            return _update_array_api(step, states, state, treedef)
+        if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
+            copies = [np.array(p, copy=True) for p in step.params]
+            skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
+            return _tree.unflatten(treedef, copies), skipped
+        fresh = run_fresh(step, states, known)
+        if fresh is not None:
+            break
+    assert fresh is not None, "a step checked leaf by leaf runs"
     unflatten = _tree.unflatten
     new_state = AdamState._of_checked(
         unflatten(treedef, fresh.m),
@@ -220,7 +240,7 @@ def adam_update(
         0,
     )
     if numpy_only:
-        _Made.remember(new_state, treedef, configs, step, fresh)
+        _made[id(new_state)] = _Made(new_state, treedef, configs, step, fresh, made)
     return unflatten(treedef, fresh.p), new_state
 
 
@@ -260,11 +280,22 @@ class _Made:
         "flats",
         "layouts",
         "leaves",
+        "p_layouts",
         "params",
+        "plan",
+        "present",
         "ref",
         "shapes",
         "treedef",
     )
+    treedef: TreeDef
+    configs: list[AdamConfig]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[np.dtype]
+    #: (shape, strides) of each made moment, and of each batch's parameters.
+    layouts: list[tuple[tuple[int, ...], tuple[int, ...]]]
+    p_layouts: dict[tuple[int, ...], list[tuple[tuple[int, ...], tuple[int, ...]]]]
+    present: list[np.ndarray]
 
     def __init__(
         self,
@@ -273,33 +304,31 @@ class _Made:
         configs: list[AdamConfig],
         step: Step,
         fresh: Fresh,
+        before: _Made | None,
     ) -> None:
         key = id(state)
         self.ref = weakref.ref(state, lambda _: _made.pop(key, None))
+        self.leaves = (*fresh.m, *fresh.v, *fresh.v_max)
+        self.present = [x for x in self.leaves if x is not None]
+        self.flats = fresh.flats
+        # Weakly: the parameters belong to the caller, who may drop them before the state.
+        self.params = {
+            group: (weakref.ref(flat.p), [weakref.ref(fresh.p[i]) for i in group])
+            for group, flat in fresh.flats.items()
+        }
+        self.plan = step.plan
+        if before is not None and before.plan is step.plan:
+            # The same plan over the same parameters made arrays of the same shapes and layouts.
+            self.treedef, self.configs = before.treedef, before.configs
+            self.shapes, self.dtypes = before.shapes, before.dtypes
+            self.layouts, self.p_layouts = before.layouts, before.p_layouts
+            return
         self.treedef = treedef
         self.configs = configs
         self.shapes = [p.shape for p in step.params]
         self.dtypes = [p.dtype for p in step.params]
-        self.leaves = (*fresh.m, *fresh.v, *fresh.v_max)
-        # Shapes and strides can be assigned to an array in place: a view that was given new
-        # ones no longer reads its part of the flat buffer.
-        self.layouts = [None if x is None else (x.shape, x.strides) for x in self.leaves]
-        self.flats = fresh.flats
-        # Weakly: the parameters belong to the caller, who may drop them before the state.
-        self.params = {
-            group: (
-                weakref.ref(flat.p),
-                [weakref.ref(fresh.p[i]) for i in group],
-                [(fresh.p[i].shape, fresh.p[i].strides) for i in group],
-            )
-            for group, flat in fresh.flats.items()
-        }
-
-    @classmethod
-    def remember(
-        cls, state: AdamState, treedef: TreeDef, configs: list[AdamConfig], step: Step, fresh: Fresh
-    ) -> None:
-        _made[id(state)] = cls(state, treedef, configs, step, fresh)
+        self.layouts = list(map(_layout, self.present))
+        self.p_layouts = {group: [_layout(fresh.p[i]) for i in group] for group in fresh.flats}
 
     def leaf_states(
         self, state: AdamState, leaves: list[Any], treedef: TreeDef, configs: list[AdamConfig]
@@ -308,9 +337,7 @@ class _Made:
         for; else None (and `_leaf_states` checks it)."""
         if self.ref() is not state or treedef is not self.treedef:
             return None
-        if len(configs) != len(self.configs) or any(
-            a is not b for a, b in zip(configs, self.configs)
-        ):
+        if len(configs) != len(self.configs) or not all(map(operator.is_, configs, self.configs)):
             return None
         for p, shape, dtype in zip(leaves, self.shapes, self.dtypes):
             if type(p) is not np.ndarray or p.shape != shape or p.dtype != dtype:
@@ -324,28 +351,35 @@ class _Made:
             else _tree.flatten_like(state.v_max, treedef, "state.v_max")
         )
         made = self.leaves
-        if len(made) != 3 * count or any(
-            a is not b or (a is not None and (a.shape, a.strides) != layout)
-            for a, b, layout in zip(made, itertools.chain(m, v, v_max), self.layouts)
+        if (
+            len(made) != 3 * count
+            or not all(map(operator.is_, made, itertools.chain(m, v, v_max)))
+            or list(map(_layout, self.present)) != self.layouts
         ):
             return None
         t, streak = state.t, state.consecutive_skips
-        return [LeafState(*arrays, t, streak, None) for arrays in zip(m, v, v_max)]
+        make = LeafState._make
+        return [make((a, b, c, t, streak, None)) for a, b, c in zip(m, v, v_max)]
 
     def known(self, params: list[np.ndarray]) -> dict[tuple[int, ...], Any]:
         """The flat buffers of each batch: its moments, and its parameters when they are still
         the views of the buffer that the previous step returned (else None: gathered)."""
         known = {}
         for group, flat in self.flats.items():
-            buffer, views, layouts = self.params[group]
+            buffer, views = self.params[group]
+            layouts = self.p_layouts[group]
             p = buffer()
             if p is not None and not all(
-                params[i] is view() and (params[i].shape, params[i].strides) == layout
+                params[i] is view() and _layout(params[i]) == layout
                 for i, view, layout in zip(group, views, layouts)
             ):
                 p = None
             known[group] = (p, flat.m, flat.v, flat.v_max)
         return known
+
+
+# The shape and strides of an array: assigned in place, they make a view read other memory.
+_layout = operator.attrgetter("shape", "strides")
 
 
 # By id() of the state, each entry alive as long as its state.

@@ -157,7 +157,7 @@ def test_a_tree_stepped_in_batches_gives_the_bits_of_its_leaves_stepped_alone(co
 
 
 def test_a_batch_never_exceeds_its_size_and_big_leaves_run_alone():
-    from adam_functional._step import batches, prepare_step
+    from adam_functional._step import prepare_step
 
     rng = np.random.default_rng(4)
     params = [
@@ -166,10 +166,18 @@ def test_a_batch_never_exceeds_its_size_and_big_leaves_run_alone():
     params.append(rng.standard_normal(3).astype(np.float32))
     grads = [np.ones_like(p) for p in params]
     leaves, treedef = _tree.flatten(params, "p")
+    config = AdamConfig()
     step = prepare_step(
-        leaves, treedef, grads, [None] * len(leaves), [AdamConfig()] * len(leaves), in_place=False
+        leaves,
+        treedef,
+        grads,
+        [None] * len(leaves),
+        [config] * len(leaves),
+        in_place=False,
+        batched=True,
     )
-    groups = batches(step)
+    assert step.plan is not None
+    groups = step.plan.groups
     assert sorted(i for group in groups for i in group) == list(range(len(params)))
     for group in groups:
         if len(group) > 1:
@@ -177,6 +185,90 @@ def test_a_batch_never_exceeds_its_size_and_big_leaves_run_alone():
             assert len({params[i].dtype for i in group}) == 1
             assert all(params[i].size <= BATCH_LEAF for i in group)
     assert (2,) in groups  # larger than BATCH_LEAF: alone
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_batchs_gradient_check_decides_as_the_checks_leaf_by_leaf(dtype):
+    # Small leaves of one dtype and config are checked as one flat batch; a batch that fails
+    # is looked at leaf by leaf, which names the first bad leaf, or finds none.
+    rng = np.random.default_rng(8)
+    params = [rng.standard_normal(n).astype(dtype) for n in (7, 64, 3, 100)]
+    state = adam_init(params)
+    config = AdamConfig(lr=0.1)
+    root = np.sqrt(np.finfo(dtype).max)
+    step = adam_update(params, [np.ones_like(p) for p in params], state, config)
+    assert step[0][0].base is step[0][1].base  # one batch
+    for leaf, index in [(0, 0), (1, 63), (3, 50)]:
+        grads = [np.ones_like(p) for p in params]
+        grads[leaf][index] = np.nan
+        grads[2][1] = np.inf if leaf == 3 else 1.0  # a second bad leaf after the first
+        first = min(leaf, 2) if leaf == 3 else leaf
+        with pytest.raises(FloatingPointError, match=rf"^grads\[{first}\]: expected finite"):
+            adam_update(params, grads, state, config)
+        skipped_p, skipped = adam_update(params, grads, state, AdamConfig(nonfinite="skip"))
+        assert skipped.skipped == 1 and skipped.t == 0
+        for a, b in zip(skipped_p, params):
+            _same_bits(a, b)
+    # Every square fits, their sum does not: the batch's quick test fails and the step is taken,
+    # with the bits of each leaf stepped alone.
+    grads = [np.ones_like(p) for p in params]
+    grads[0][0] = grads[1][0] = grads[3][99] = dtype(root * 0.9)
+    got, new_state = adam_update(params, grads, state, config)
+    expected, _ = _leafwise(params, grads, [adam_init(p) for p in params], [config] * 4)
+    assert new_state.t == 1
+    for a, b in zip(got, expected):
+        _same_bits(a, b)
+    # One square too large: named, with its leaf.
+    grads[3][99] = dtype(root * 1.5)
+    with pytest.raises(FloatingPointError, match=r"^grads\[3\]: .* whose square overflows"):
+        adam_update(params, grads, state, config)
+
+
+def test_a_batch_checked_late_keeps_the_order_of_the_decisions():
+    # The batches' gradients are checked as the run gathers them, after the other leaves' and
+    # the scalars: yet a bad gradient whose config raises still wins over one whose skips, and
+    # over a schedule's error, as when every leaf is checked first.
+    small = [np.ones(5), np.ones(7)]  # one batch
+    big = np.ones(BATCH_LEAF + 1)  # alone, checked before the run
+    params = {"big": big, "small": small}
+    state = adam_init(params)
+    bad_small = {"big": np.ones_like(big), "small": [np.ones(5), np.array([1.0] * 6 + [np.nan])]}
+    bad_both = {"big": np.full_like(big, np.inf), "small": bad_small["small"]}
+    skip, raise_ = AdamConfig(nonfinite="skip"), AdamConfig(nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"^grads\['small'\]\[1\]: expected finite"):
+        adam_update(params, bad_both, state, {"big": skip, "small": raise_})
+    failing = AdamConfig(lr=lambda t: float("nan"))
+    with pytest.raises(FloatingPointError, match=r"^grads\['small'\]\[1\]: expected finite"):
+        adam_update(params, bad_small, state, failing)
+    skipping = AdamConfig(lr=lambda t: float("nan"), nonfinite="skip")
+    _, skipped = adam_update(params, bad_small, state, skipping)
+    assert skipped.skipped == 1 and skipped.t == 0
+    with pytest.raises(ValueError, match=r"^AdamConfig.lr\(1\): expected a finite number"):
+        adam_update(params, {"big": np.ones_like(big), "small": small}, state, skipping)
+
+
+def test_a_steps_plan_is_kept_while_the_gradient_dtypes_and_the_kernels_stay():
+    from adam_functional import _update
+
+    params = {"a": np.ones((3, 4)), "b": np.ones(5), "big": np.ones(BATCH_LEAF + 1)}
+    grads = {key: np.full_like(p, 0.5) for key, p in params.items()}
+    config = AdamConfig(lr=0.1)
+    params, state = adam_update(params, grads, adam_init(params), config)
+    plan = _update._made[id(state)].plan
+    params, state = adam_update(params, grads, state, config)
+    assert _update._made[id(state)].plan is plan
+    # Other gradient dtypes: planned anew, with the bits of a state the update did not make.
+    narrow = {key: g.astype(np.float32) for key, g in grads.items()}
+    got, got_state = adam_update(params, narrow, state, config)
+    assert _update._made[id(got_state)].plan is not plan
+    unmade = AdamState({k: x.copy() for k, x in state.m.items()}, dict(state.v), state.t)
+    expected, _ = adam_update({k: p.copy() for k, p in params.items()}, narrow, unmade, config)
+    for key in got:
+        _same_bits(got[key], expected[key])
+    # Another backend: its kernels, planned anew.
+    with kernels.use_backend("numpy"):
+        _, numpy_state = adam_update(params, grads, state, config)
+    assert _update._made[id(numpy_state)].plan is not plan
 
 
 def test_a_state_whose_trees_were_changed_is_read_as_it_now_is():

@@ -283,9 +283,9 @@ def _choose() -> _Backend:
 
 
 def _resolve() -> _Backend:
-    global _active, _reference
+    global _active, _reference, _selected
     if _active is None:
-        _selected.clear()
+        _selected = {}
         _active = _choose()
         _reference = _active if _active.name == REFERENCE else _load(REFERENCE)
     return _active
@@ -313,6 +313,20 @@ def select(p: np.dtype, g: np.dtype, moments: np.dtype, total: int = 0) -> Kerne
     return kernel
 
 
+def selection() -> tuple[object, int]:
+    """A token of the kernels `select` gives now: `same_selection` says whether it still
+    holds. It ends when the backend changes, or when `select` settles a kernel it did not have
+    (as when numba loads at a large step: the reference's kernels, lent until then, may then
+    give way)."""
+    return _selected, len(_selected)
+
+
+def same_selection(token: tuple[object, int]) -> bool:
+    """Whether `select` gives each dtype triple the kernel it gave when `selection` made
+    ``token``."""
+    return token[0] is _selected and token[1] == len(_selected)
+
+
 def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
     """Whether the squares of gradient ``g`` (in the dtype ``work``) are all finite, without NaN:
     the quick test of a gradient, in one pass. False also when it cannot tell (a sum of squares
@@ -328,7 +342,7 @@ def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
 
 
 # Below this many elements a compiled call costs more than NumPy's sum of squares.
-_COMPILED_CHECK_MIN = 1 << 14
+_COMPILED_CHECK_MIN = 1 << 13
 _ROOTS: dict[np.dtype, float] = {}
 
 
@@ -370,13 +384,13 @@ def use_backend(name: str) -> Iterator[None]:
       ValueError: ``name`` is not in `BACKENDS`.
       ImportError: the backend cannot be imported.
     """
-    global _active, _reference
+    global _active, _reference, _selected
     if name not in BACKENDS:
         raise ValueError(f"name: expected one of {', '.join(BACKENDS)}, got {name!r}")
     before = _active, _reference
     _active = _load(name)
     _reference = _active if name == REFERENCE else _load(REFERENCE)
-    _selected.clear()
+    _selected = {}
     # Compared with another backend, this one computes every size itself.
     if _active.load is not None:
         _active.load()
@@ -384,4 +398,4 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _active, _reference = before
-        _selected.clear()
+        _selected = {}
