@@ -968,6 +968,11 @@ def _prepare_array_api(
                 f"{paths[index]}: {lib} arrays cannot be updated in place; "
                 "adam_update(params, grads, state, config) returns new ones"
             )
+        if in_place and lib == "torch" and _read_only_tensor(p):
+            raise TypeError(
+                f"{paths[index]}: expected a tensor that can be written in place, got an "
+                "inference tensor (made under torch.inference_mode()); step a clone of it"
+            )
         _same_library(g, lib, g_paths[index])
         if not xp.isdtype(g.dtype, ("real floating", "integral")):
             raise TypeError(
@@ -1016,6 +1021,14 @@ def _prepare_array_api(
         return Step(list(leaves), list(g_leaves), None, [], moments, skip_streak, xp)
     coefficients = _coefficients(states, configs, xp)
     return Step(list(leaves), list(g_leaves), coefficients, [], moments, 0, xp, taken)
+
+
+def _read_only_tensor(p: Any) -> bool:
+    """Whether torch refuses to write tensor ``p`` in place here: an inference tensor, outside
+    inference mode."""
+    import torch
+
+    return bool(p.is_inference()) and not torch.is_inference_mode_enabled()
 
 
 def one_library(leaves: Sequence[Any], paths: LeafPaths) -> str | None:

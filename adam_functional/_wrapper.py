@@ -35,6 +35,7 @@ from adam_functional._records import (
 )
 from adam_functional._step import (
     LeafState,
+    Step,
     configs_for,
     plain,
     prepare_one,
@@ -42,6 +43,7 @@ from adam_functional._step import (
     run,
     run_array_api,
 )
+from adam_functional._torch_views import moment, torch_dtype, views, written
 from adam_functional._tree import ArrayTree
 
 if TYPE_CHECKING:
@@ -307,11 +309,25 @@ class Adam:
                 None if slot is None else slot.leaf_state(origin)
                 for slot, origin in zip(slots, self._origins(slots, claimed))
             ]
-            step = prepare_step(leaves, treedef, grads, states, configs, in_place=True)
-            owned = [
-                _Slot.zeros_like(p, dtype, c.amsgrad, step.xp) if slot is None else slot
-                for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
-            ]
+            # Tensors in CPU memory are stepped as NumPy views of it, by the in-place kernels.
+            numpy_first = not leaves or type(leaves[0]) is np.ndarray
+            tensors = None if numpy_first else views(leaves, grads, treedef, states)
+            if tensors is None:
+                step = prepare_step(leaves, treedef, grads, states, configs, in_place=True)
+                owned = [
+                    _Slot.zeros_like(p, dtype, c.amsgrad, step.xp) if slot is None else slot
+                    for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
+                ]
+            else:
+                step = prepare_step(
+                    tensors.params, treedef, tensors.grads, tensors.states, configs, in_place=True
+                )
+                states = tensors.states
+                xp = namespace(leaves[0], "params")
+                owned = [
+                    _Slot.zeros_like(p, torch_dtype(dtype), c.amsgrad, xp) if slot is None else slot
+                    for p, dtype, c, slot in zip(leaves, step.moments, configs, slots)
+                ]
             if step.coefficients is None:
                 for slot in owned:
                     slot.skipped += 1
@@ -321,7 +337,9 @@ class Adam:
                     state if state is not None else slot.leaf_state("")
                     for state, slot in zip(states, owned)
                 ]
-                if step.xp is None:
+                if tensors is not None:
+                    _step_tensors(step, fields, owned, leaves)
+                elif step.xp is None:
                     outputs = [(p, s.m, s.v, s.v_max) for p, s in zip(step.params, owned)]
                     run(step, fields, outputs)
                 else:
@@ -635,6 +653,23 @@ def _unpickled_slot(entry: Any, config: AdamConfig, where: str) -> tuple[Any, _S
             f"{state.m.shape}, got {_describe(array)}"
         )
     return array, _Slot.from_state(state)
+
+
+def _step_tensors(
+    step: Step, fields: list[LeafState], slots: list[_Slot], tensors: list[Any]
+) -> None:
+    """Runs a step prepared on NumPy views of CPU ``tensors``: into their memory and the slots'
+    moments (new slots' too, tensors of their own), then bumps the tensors' versions."""
+    import torch
+
+    def viewed(x: Any) -> Any:
+        return None if x is None else moment(torch, x)
+
+    # One view of each buffer, read and written: the kernels know an in-place step by identity.
+    moments = [(viewed(s.m), viewed(s.v), viewed(s.v_max)) for s in slots]
+    fields = [f._replace(m=m, v=v, v_max=v_max) for f, (m, v, v_max) in zip(fields, moments)]
+    run(step, fields, [(p, *buffers) for p, buffers in zip(step.params, moments)])
+    written(tensors)
 
 
 def _write_back(params: list[Any], slots: list[_Slot], results: list[Any]) -> None:

@@ -1,6 +1,8 @@
 """PyTorch: adam_update returns new tensors; Adam.step writes tensors and nn.Parameters in place.
 
-Only the CPU is tested here; tensors on another device take the same generic kernel, which
+Only the CPU is tested here. ``Adam.step`` writes CPU tensors through NumPy views of their
+memory, with the NumPy kernels, and so gives the NumPy wrapper's bits; tensors it cannot view
+(bfloat16, a negative view, other devices) and ``adam_update`` take the generic kernel, which
 array-api-strict's device (see ``test_array_api.py``) holds to the array API.
 """
 
@@ -70,9 +72,9 @@ def test_adam_step_writes_in_place_and_matches_the_numpy_wrapper(torch: Any, dty
     m = opt.m[id(W)]
     assert type(m) is torch.Tensor and m.dtype == W.dtype and m.device == W.device
     assert opt.t[id(W)] == STEPS
-    # The NumPy wrapper computes the bias corrections in float64 too: the same numbers.
-    np.testing.assert_allclose(W.numpy(), expected, rtol=RTOL, atol=0)
-    np.testing.assert_allclose(m.numpy(), reference.m[id(expected)], rtol=RTOL, atol=0)
+    # Stepped through views of its memory by the NumPy kernels: the NumPy wrapper's bits.
+    np.testing.assert_array_equal(W.numpy(), expected)
+    np.testing.assert_array_equal(m.numpy(), reference.m[id(expected)])
 
 
 def test_adam_step_trains_nn_parameters_in_place(torch: Any) -> None:
@@ -106,7 +108,7 @@ def test_adam_step_writes_a_transposed_view(torch: Any) -> None:
     for _ in range(3):
         opt.step(view, g)
         reference.step(expected, g.numpy())
-    np.testing.assert_allclose(base.T.numpy(), expected, rtol=RTOL, atol=0)
+    np.testing.assert_array_equal(base.T.numpy(), expected)
 
 
 def test_float16_tensors_keep_float32_moments_in_the_wrapper(torch: Any) -> None:
@@ -128,6 +130,87 @@ def test_a_failed_step_changes_nothing(torch: Any) -> None:
         opt.step(W, torch.tensor([1.0, float("nan"), 0.0]))
     assert torch.equal(W, before) and torch.equal(opt.m[id(W)], m_before)
     assert opt.t[id(W)] == 1
+
+
+def test_adam_step_tells_autograd_it_wrote_the_tensors(torch: Any) -> None:
+    # As torch's optimizers: a graph that saved a parameter refuses a backward pass through it
+    # once a step has overwritten it, and one step bumps the version once.
+    w = torch.nn.Parameter(torch.linspace(-1, 1, 4, dtype=torch.float64))
+    loss = (w * w).sum()  # saves w
+    version = w._version
+    opt = af.Adam(lr=0.1)
+    opt.step(w, torch.ones(4, dtype=torch.float64))
+    assert w._version == version + 1
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdamConfig(lr=0.01),
+        AdamConfig(lr=0.01, amsgrad=True, weight_decay=0.1, nonfinite="skip"),
+        AdamConfig(
+            lr=0.01, nesterov=True, maximize=True, weight_decay=0.1, decoupled_weight_decay=True
+        ),
+    ],
+    ids=["plain", "amsgrad-l2", "nesterov-adamw"],
+)
+def test_adam_step_on_a_tree_of_tensors_gives_the_numpy_wrappers_bits(torch: Any, config) -> None:
+    rng = np.random.default_rng(9)
+    arrays = {
+        "w": rng.normal(size=(5, 3)),
+        "b": rng.normal(size=3).astype(np.float32),
+        "h": rng.normal(size=4).astype(np.float16),
+        "s": np.array(0.5),
+    }
+    tensors = {key: torch.tensor(a) for key, a in arrays.items()}
+    opt, reference = af.Adam.from_config(config), af.Adam.from_config(config)
+    for _ in range(STEPS):
+        grads = {key: rng.normal(size=a.shape).astype(a.dtype) for key, a in arrays.items()}
+        grads["b"] = (grads["b"] * 10).astype(np.int64)  # integer gradients are cast
+        opt.step(tensors, {key: torch.tensor(g) for key, g in grads.items()})
+        reference.step(arrays, grads)
+    for key, a in arrays.items():
+        np.testing.assert_array_equal(tensors[key].numpy(), a)
+        m = opt.m[id(tensors[key])]
+        assert type(m) is torch.Tensor
+        np.testing.assert_array_equal(m.numpy(), reference.m[id(a)])
+
+
+def test_adam_step_refuses_tensors_that_share_memory(torch: Any) -> None:
+    opt = af.Adam(lr=0.1)
+    base = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"^params: expected an array whose elements share no"):
+        opt.step(torch.zeros(1).expand(3), torch.ones(3))
+    with pytest.raises(ValueError, match=r"^params\[1\]: expected arrays that share no memory"):
+        opt.step([base[:3], base[2:]], [torch.ones(3), torch.ones(2)])
+    assert not torch.any(base) and len(opt.m) == 0
+
+
+def test_tensors_no_view_can_show_take_the_generic_kernel(torch: Any) -> None:
+    # bfloat16 has no NumPy dtype, and a negative view's memory holds the negated values.
+    half = torch.linspace(-1, 1, 4, dtype=torch.bfloat16)
+    negated = torch._neg_view(torch.linspace(-1, 1, 4, dtype=torch.float64))
+    for W, dtype in [(half, np.float32), (negated, np.float64)]:
+        expected = W.to(torch.float64).resolve_neg().numpy().astype(dtype)
+        af.Adam(lr=0.1).step(expected, np.ones(4, dtype))
+        af.Adam(lr=0.1).step(W, torch.ones(4, dtype=W.dtype))
+        np.testing.assert_allclose(W.to(torch.float64).resolve_neg().numpy(), expected, rtol=1e-2)
+    with pytest.raises(TypeError, match=r"^grads: expected a torch array like the other params"):
+        af.Adam(lr=0.1).step(torch.ones(3), np.ones(3))
+
+
+def test_adam_step_refuses_an_inference_tensor_outside_inference_mode(torch: Any) -> None:
+    with torch.inference_mode():
+        W = torch.ones(3)
+    opt = af.Adam(lr=0.1)
+    with pytest.raises(TypeError, match=r"^params: expected a tensor that can be written in place"):
+        opt.step(W, torch.ones(3))
+    assert torch.equal(W, torch.ones(3)) and len(opt.m) == 0
+    with torch.inference_mode():  # where torch lets it be written
+        opt.step(W, torch.ones(3))
+    assert not torch.equal(W, torch.ones(3))
 
 
 def test_a_checkpoint_of_tensors_loads_as_numpy(torch: Any, tmp_path: Any) -> None:

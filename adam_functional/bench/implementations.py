@@ -7,8 +7,8 @@
 - ``torch-foreach`` / ``torch-fused``: ``torch.optim.Adam`` on CPU with ``foreach=True`` /
   ``fused=True``, stepped under ``torch.no_grad()``, the tree's arrays as one parameter list (when
   torch is installed).
-- ``Adam.step-torch``: this package's in-place wrapper on the same torch tensors (through the
-  array API; when torch and array-api-compat are installed).
+- ``Adam.step-torch``: this package's in-place wrapper on the same torch tensors (written
+  through NumPy views of their memory; when torch and array-api-compat are installed).
 - ``adam_update-jax``: this package's pure update on JAX arrays under ``jax.jit``, the state an
   argument (when jax and array-api-compat are installed).
 - ``optax-jit`` / ``optax-jit-donate``: ``optax.adam`` plus ``optax.apply_updates`` under
