@@ -48,12 +48,22 @@ def _viewable(torch: Any, t: Any, dtypes: frozenset[Any]) -> bool:
     )
 
 
+_DTYPES: dict[str, frozenset[Any]] = {}
+
+
 def _floating(torch: Any) -> frozenset[Any]:
-    return frozenset({torch.float16, torch.float32, torch.float64})
+    found = _DTYPES.get("floating")
+    if found is None:
+        found = _DTYPES["floating"] = frozenset({torch.float16, torch.float32, torch.float64})
+    return found
 
 
 def _real(torch: Any) -> frozenset[Any]:
-    return _floating(torch) | {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    found = _DTYPES.get("real")
+    if found is None:
+        integers = {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+        found = _DTYPES["real"] = _floating(torch) | integers
+    return found
 
 
 def moment(torch: Any, x: Any) -> np.ndarray | None:
@@ -107,6 +117,4 @@ def torch_dtype(dtype: np.dtype) -> Any:
 def written(tensors: Sequence[Any]) -> None:
     """Tells autograd that ``tensors`` were written in place, as a write under
     ``torch.no_grad()`` does."""
-    increment_version = sys.modules["torch"].autograd.graph.increment_version
-    for t in tensors:
-        increment_version(t)
+    sys.modules["torch"].autograd.graph.increment_version(tensors)

@@ -43,7 +43,7 @@ from adam_functional._step import (
     run,
     run_array_api,
 )
-from adam_functional._torch_views import moment, torch_dtype, views, written
+from adam_functional._torch_views import torch_dtype, views, written
 from adam_functional._tree import ArrayTree
 
 if TYPE_CHECKING:
@@ -338,7 +338,7 @@ class Adam:
                     for state, slot in zip(states, owned)
                 ]
                 if tensors is not None:
-                    _step_tensors(step, fields, owned, leaves)
+                    _step_tensors(step, fields, leaves)
                 elif step.xp is None:
                     outputs = [(p, s.m, s.v, s.v_max) for p, s in zip(step.params, owned)]
                     run(step, fields, outputs)
@@ -655,20 +655,17 @@ def _unpickled_slot(entry: Any, config: AdamConfig, where: str) -> tuple[Any, _S
     return array, _Slot.from_state(state)
 
 
-def _step_tensors(
-    step: Step, fields: list[LeafState], slots: list[_Slot], tensors: list[Any]
-) -> None:
+def _step_tensors(step: Step, fields: list[LeafState], tensors: list[Any]) -> None:
     """Runs a step prepared on NumPy views of CPU ``tensors``: into their memory and the slots'
-    moments (new slots' too, tensors of their own), then bumps the tensors' versions."""
-    import torch
+    moments (a new slot's are CPU tensors of its own, viewed here), then bumps the tensors'
+    versions."""
 
     def viewed(x: Any) -> Any:
-        return None if x is None else moment(torch, x)
+        return x if x is None or isinstance(x, np.ndarray) else x.detach().numpy()
 
     # One view of each buffer, read and written: the kernels know an in-place step by identity.
-    moments = [(viewed(s.m), viewed(s.v), viewed(s.v_max)) for s in slots]
-    fields = [f._replace(m=m, v=v, v_max=v_max) for f, (m, v, v_max) in zip(fields, moments)]
-    run(step, fields, [(p, *buffers) for p, buffers in zip(step.params, moments)])
+    fields = [f._replace(m=viewed(f.m), v=viewed(f.v), v_max=viewed(f.v_max)) for f in fields]
+    run(step, fields, [(p, f.m, f.v, f.v_max) for p, f in zip(step.params, fields)])
     written(tensors)
 
 
