@@ -247,7 +247,18 @@ def prepare_step(
         for index, config in enumerate(configs)
         if config.nonfinite != "propagate" and index not in deferred
     ]
-    bad = _gradients_checked(check, grads_arrays, params, states, configs, moments, streak, g_paths)
+    try:
+        bad = _gradients_checked(
+            check, grads_arrays, params, states, configs, moments, streak, g_paths
+        )
+    except FloatingPointError:
+        if not deferred:
+            raise
+        # A leaf of a batch may come first in the tree: every leaf, in order, says which.
+        _gradients_checked(
+            [*check, *deferred], grads_arrays, params, states, configs, moments, streak, g_paths
+        )
+        raise
     # A bad gradient whose config raises wins over one whose skips: the batches are looked at
     # before a skip, and before a schedule's error, as they would have been first.
     if bad:

@@ -1,9 +1,10 @@
-"""PyTorch tensors in CPU memory, seen as NumPy arrays, for `Adam.step` to write in place.
+"""PyTorch tensors in CPU memory, seen as NumPy arrays, for the NumPy kernels to read and write.
 
-A view shares its tensor's memory: what the NumPy backends' in-place kernels write into it, the
-tensor holds. So `Adam.step` on CPU tensors takes the same checked step, kernels and bits as on
-NumPy arrays, where the array-API kernel would compute new tensors (a dozen of them, each as
-large as the parameter) and copy them back.
+A view shares its tensor's memory: what a kernel writes into it, the tensor holds. So `Adam.step`
+on CPU tensors takes the same checked step, kernels and bits as on NumPy arrays, writing the
+tensors in place, where the array-API kernel would compute new tensors (a dozen of them, each as
+large as the parameter) and copy them back; and `adam_update` writes its results into new
+tensors through their views.
 
 torch's optimizers write parameters under ``torch.no_grad()``, and each write bumps the tensor's
 version counter, so that autograd refuses a backward pass through values that a graph saved and
@@ -38,14 +39,24 @@ class Views(NamedTuple):
     states: list[LeafState | None]
 
 
-def _viewable(torch: Any, t: Any, dtypes: frozenset[Any]) -> bool:
+def _viewable(torch: Any, t: Any, dtypes: frozenset[Any], *, written: bool = True) -> bool:
+    """Whether ``t`` can be viewed; one that is ``written`` must not be an inference tensor."""
     return (
         type(t) in (torch.Tensor, torch.nn.Parameter)
         and t.dtype in dtypes
         and t.device.type == "cpu"
         and t.layout is torch.strided
-        and not (t.is_neg() or t.is_conj() or t.is_inference())
+        and not (t.is_neg() or t.is_conj() or (written and t.is_inference()))
     )
+
+
+def _view(t: Any) -> np.ndarray | None:
+    """A NumPy view of ``t``'s memory, or None where torch has none to give (a ZeroTensor, a
+    tensor wrapped by ``torch.func``)."""
+    try:
+        return t.detach().numpy()  # type: ignore[no-any-return]
+    except (RuntimeError, TypeError):
+        return None
 
 
 _DTYPES: dict[str, frozenset[Any]] = {}
@@ -66,19 +77,31 @@ def _real(torch: Any) -> frozenset[Any]:
     return found
 
 
-def moment(torch: Any, x: Any) -> np.ndarray | None:
-    """A view of a moment buffer (a NumPy one as it is), or None when it cannot be viewed."""
+def _moment(torch: Any, x: Any, pure: bool) -> np.ndarray | None:
+    """A view of a moment buffer (a NumPy one as it is), or None when it cannot be viewed; one
+    that `Adam.step` writes in place must be C-contiguous, as the kernels write moments."""
     if isinstance(x, np.ndarray):
         return x
-    return x.detach().numpy() if _viewable(torch, x, _floating(torch)) else None
+    if not _viewable(torch, x, _floating(torch), written=not pure):
+        return None
+    if not (pure or x.is_contiguous()):
+        return None
+    return _view(x)
 
 
 def views(
-    leaves: Sequence[Any], grads: Any, treedef: TreeDef, states: Sequence[LeafState | None]
+    leaves: Sequence[Any],
+    grads: Any,
+    treedef: TreeDef,
+    states: Sequence[LeafState | None],
+    *,
+    pure: bool = False,
 ) -> Views | None:
     """The parameters, gradients and states of a step as NumPy views, when every parameter is a
     floating-point torch tensor in CPU memory, every gradient one of real numbers, and every
-    moment one of them too (or a NumPy array); else None.
+    moment one of them too (or a NumPy array); else None. For the ``pure`` update, None too when
+    autograd would record the step (a tensor requires gradients, outside ``torch.no_grad()``):
+    then torch operations compute it, which autograd can differentiate.
 
     Raises:
       ValueError: the gradients differ from the parameters in structure (as the step would say).
@@ -90,28 +113,49 @@ def views(
     if not all(_viewable(torch, p, floating) for p in leaves):
         return None
     g_leaves = flatten_like(grads, treedef, "grads")
-    if not all(_viewable(torch, g, real) for g in g_leaves):
+    if not all(_viewable(torch, g, real, written=False) for g in g_leaves):
         return None
+    if pure and torch.is_grad_enabled():
+        moments = [x for s in states if s is not None for x in (s.m, s.v, s.v_max)]
+        if any(getattr(x, "requires_grad", False) for x in (*leaves, *g_leaves, *moments)):
+            return None
     viewed_states: list[LeafState | None] = []
     for state in states:
         if state is None:
             viewed_states.append(None)
             continue
-        m, v = moment(torch, state.m), moment(torch, state.v)
-        v_max = None if state.v_max is None else moment(torch, state.v_max)
+        m, v = _moment(torch, state.m, pure), _moment(torch, state.v, pure)
+        v_max = None if state.v_max is None else _moment(torch, state.v_max, pure)
         if m is None or v is None or (state.v_max is not None and v_max is None):
             return None
         viewed_states.append(state._replace(m=m, v=v, v_max=v_max))
-    return Views(
-        [p.detach().numpy() for p in leaves],
-        unflatten(treedef, [g.detach().numpy() for g in g_leaves]),
-        viewed_states,
-    )
+    p_views, g_views = [_view(p) for p in leaves], [_view(g) for g in g_leaves]
+    if any(x is None for x in (*p_views, *g_views)):
+        return None
+    return Views(p_views, unflatten(treedef, g_views), viewed_states)  # type: ignore[arg-type]
 
 
-def torch_dtype(dtype: np.dtype) -> Any:
-    """The torch dtype of a NumPy floating-point dtype."""
-    return getattr(sys.modules["torch"], dtype.name)
+def zeros(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """A C-contiguous CPU tensor of zeros of the NumPy floating-point ``dtype``: moments, which
+    the kernels write in C order.
+
+    Raises:
+      TypeError: torch has no such dtype (longdouble).
+    """
+    return sys.modules["torch"].zeros(shape, dtype=_torch_dtype(dtype))
+
+
+def empty(shape: tuple[int, ...], dtype: np.dtype) -> Any:
+    """As `zeros`, with whatever values the memory held."""
+    return sys.modules["torch"].empty(shape, dtype=_torch_dtype(dtype))
+
+
+def _torch_dtype(dtype: np.dtype) -> Any:
+    torch = sys.modules["torch"]
+    found = getattr(torch, dtype.name, None)
+    if found not in _floating(torch):
+        raise TypeError(f"AdamConfig.moment_dtype: {dtype} is not a dtype of torch")
+    return found
 
 
 def written(tensors: Sequence[Any]) -> None:

@@ -27,9 +27,11 @@ from adam_functional._step import (
     plain,
     prepare_one,
     prepare_step,
+    run,
     run_array_api,
     run_fresh,
 )
+from adam_functional._torch_views import Views, empty, views
 from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
 from adam_functional.kernels import Inputs, Outputs
 
@@ -203,6 +205,10 @@ def adam_update(
     if states is None:
         made = None
         states = _leaf_states(state, leaves, treedef, configs)
+    if not numpy_only:
+        tensors = views(leaves, grads, treedef, states, pure=True)
+        if tensors is not None:
+            return _update_tensors(tensors, leaves, state, configs, treedef)
     plan = None if made is None else made.plan
     known = {} if made is None else made.known(leaves)
     # First with the batches' checks left to the run, on their gathered gradients; a batch that
@@ -456,6 +462,49 @@ def _mismatch_hint(got: np.dtype, params: np.dtype, expected: np.dtype) -> str:
             "(the default keeps float32 moments for float16 parameters)"
         )
     return "was this state made for other params?"
+
+
+def _update_tensors(
+    tensors: Views,
+    leaves: list[Any],
+    state: AdamState,
+    configs: list[AdamConfig],
+    treedef: TreeDef,
+) -> tuple[Any, AdamState]:
+    """The end of `adam_update` for torch tensors in CPU memory: the NumPy kernels read their
+    views and write into new tensors, through views of them."""
+    import torch
+
+    step = prepare_step(
+        tensors.params, treedef, tensors.grads, tensors.states, configs, in_place=False
+    )
+    if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
+        kept = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
+        return _tree.unflatten(treedef, [p.detach().clone() for p in leaves]), kept
+    new = [
+        (
+            torch.empty(p.shape, dtype=p.dtype),
+            empty(p.shape, dtype),
+            empty(p.shape, dtype),
+            empty(p.shape, dtype) if c.amsgrad else None,
+        )
+        for p, dtype, c in zip(leaves, step.moments, configs)
+    ]
+    fields = [s for s in tensors.states if s is not None]  # the pure update's are all there
+    outputs = [
+        (p.numpy(), m.numpy(), v.numpy(), None if vm is None else vm.numpy()) for p, m, v, vm in new
+    ]
+    run(step, fields, outputs)
+    new_p, new_m, new_v, new_vm = zip(*new) if new else ((), (), (), ())
+    unflatten = _tree.unflatten
+    return unflatten(treedef, list(new_p)), AdamState(
+        unflatten(treedef, list(new_m)),
+        unflatten(treedef, list(new_v)),
+        state.t + 1,
+        unflatten(treedef, list(new_vm)) if state.v_max is not None else None,
+        state.skipped,
+        0,
+    )
 
 
 def _update_array_api(

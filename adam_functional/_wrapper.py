@@ -43,7 +43,7 @@ from adam_functional._step import (
     run,
     run_array_api,
 )
-from adam_functional._torch_views import torch_dtype, views, written
+from adam_functional._torch_views import views, written, zeros
 from adam_functional._tree import ArrayTree
 
 if TYPE_CHECKING:
@@ -87,12 +87,15 @@ class _Slot:
         self.rank = 0
 
     @classmethod
-    def zeros_like(cls, p: Any, dtype: Any, amsgrad: bool, xp: Any = None) -> _Slot:
-        """A fresh state for parameter ``p``, with moments of ``dtype`` (of namespace ``xp``
-        for another library's arrays, on ``p``'s device)."""
+    def zeros_like(
+        cls, p: Any, dtype: Any, amsgrad: bool, xp: Any = None, made: Any = np.zeros
+    ) -> _Slot:
+        """A fresh state for parameter ``p``, with moments of ``dtype``: of namespace ``xp`` for
+        another library's arrays, on ``p``'s device; else ``made(shape, dtype)``, C-contiguous
+        (NumPy arrays; the tensors of `_torch_views.zeros`)."""
 
         def zeros() -> Any:
-            return np.zeros(p.shape, dtype) if xp is None else xp.zeros_like(p, dtype=dtype)
+            return made(p.shape, dtype) if xp is None else xp.zeros_like(p, dtype=dtype)
 
         return cls(zeros(), zeros(), zeros() if amsgrad else None)
 
@@ -310,8 +313,11 @@ class Adam:
                 for slot, origin in zip(slots, self._origins(slots, claimed))
             ]
             # Tensors in CPU memory are stepped as NumPy views of it, by the in-place kernels.
-            numpy_first = not leaves or type(leaves[0]) is np.ndarray
-            tensors = None if numpy_first else views(leaves, grads, treedef, states)
+            tensors = None
+            if leaves and type(leaves[0]) is not np.ndarray and is_foreign(leaves[0]):
+                # Other libraries' arrays need array-api-compat, viewed or not.
+                namespace(leaves[0], _tree.LeafPaths(treedef, "params")[0])
+                tensors = views(leaves, grads, treedef, states)
             if tensors is None:
                 step = prepare_step(leaves, treedef, grads, states, configs, in_place=True)
                 owned = [
@@ -323,10 +329,9 @@ class Adam:
                     tensors.params, treedef, tensors.grads, tensors.states, configs, in_place=True
                 )
                 states = tensors.states
-                xp = namespace(leaves[0], "params")
                 owned = [
-                    _Slot.zeros_like(p, torch_dtype(dtype), c.amsgrad, xp) if slot is None else slot
-                    for p, dtype, c, slot in zip(leaves, step.moments, configs, slots)
+                    _Slot.zeros_like(p, dtype, c.amsgrad, made=zeros) if slot is None else slot
+                    for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
                 ]
             if step.coefficients is None:
                 for slot in owned:

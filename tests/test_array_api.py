@@ -469,7 +469,7 @@ def test_without_array_api_compat_the_error_names_the_extra(
             adam_init(p)
         with pytest.raises(TypeError, match=r"need array-api-compat: pip install"):
             adam_update(p, p, state, AdamConfig())
-        with pytest.raises(TypeError, match=r"need array-api-compat: pip install"):
+        with pytest.raises(TypeError, match=expected):
             af.Adam().step(p, p)
 
 

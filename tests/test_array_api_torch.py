@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 import numpy as np
 import pytest
-from test_array_api import RTOL, STEPS, load_library
+from test_array_api import STEPS, load_library
 
 import adam_functional as af
 from adam_functional import AdamConfig, adam_init, adam_update
@@ -38,7 +39,7 @@ def test_adam_update_returns_new_tensors_and_leaves_its_inputs(torch: Any) -> No
     assert new_p.data_ptr() != p.data_ptr()
     assert torch.equal(p, before) and not torch.any(state.m)
     expected, _ = adam_update(before.numpy(), g.numpy(), adam_init(before.numpy(), config), config)
-    np.testing.assert_allclose(new_p.numpy(), expected, rtol=RTOL, atol=0)
+    np.testing.assert_array_equal(new_p.numpy(), expected)  # the NumPy kernels, on views
 
 
 def test_adam_update_under_no_grad_gives_plain_tensors(torch: Any) -> None:
@@ -176,6 +177,103 @@ def test_adam_step_on_a_tree_of_tensors_gives_the_numpy_wrappers_bits(torch: Any
         m = opt.m[id(tensors[key])]
         assert type(m) is torch.Tensor
         np.testing.assert_array_equal(m.numpy(), reference.m[id(a)])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        AdamConfig(lr=0.01, nonfinite="skip"),
+        AdamConfig(lr=0.01, amsgrad=True, nonfinite="skip", weight_decay=0.1),
+    ],
+    ids=["plain", "amsgrad-skip"],
+)
+def test_adam_update_on_tensors_gives_the_bits_of_numpy_and_of_adam_step(
+    torch: Any, config
+) -> None:
+    rng = np.random.default_rng(10)
+    arrays = {"w": rng.normal(size=(4, 3)), "h": rng.normal(size=5).astype(np.float16)}
+    tensors = {key: torch.tensor(a) for key, a in arrays.items()}
+    in_place = {key: t.clone() for key, t in tensors.items()}
+    state, numpy_state = adam_init(tensors, config), adam_init(arrays, config)
+    opt = af.Adam.from_config(config)
+    for step in range(STEPS):
+        grads = {key: rng.normal(size=a.shape).astype(a.dtype) for key, a in arrays.items()}
+        if step == 3:
+            grads["w"][1, 1] = np.nan  # skipped, by all three
+        torch_grads = {key: torch.tensor(g) for key, g in grads.items()}
+        before = {key: t.clone() for key, t in tensors.items()}
+        tensors, state = adam_update(tensors, torch_grads, state, config)
+        arrays, numpy_state = adam_update(arrays, grads, numpy_state, config)
+        opt.step(in_place, torch_grads)
+        assert all(torch.equal(before[key], t) or step != 3 for key, t in tensors.items())
+    assert state.t == numpy_state.t == STEPS - 1 and state.skipped == 1
+    for key, a in arrays.items():
+        assert type(tensors[key]) is torch.Tensor and type(state.m[key]) is torch.Tensor
+        np.testing.assert_array_equal(tensors[key].numpy(), a)
+        np.testing.assert_array_equal(in_place[key].numpy(), a)
+        np.testing.assert_array_equal(state.v[key].numpy(), numpy_state.v[key])
+        np.testing.assert_array_equal(opt.v[id(in_place[key])].numpy(), numpy_state.v[key])
+    # The NumPy path's check, on the views, says where the bad value is.
+    bad = {key: torch.zeros_like(t) for key, t in tensors.items()}
+    bad["w"][2, 1] = float("inf")
+    message = r"^grads\['w'\]: expected finite gradients, got 1 NaN or infinite value of 12 \(first at index \(2, 1\): inf\)"
+    with pytest.raises(FloatingPointError, match=message):
+        adam_update(tensors, bad, state, attrs.evolve(config, nonfinite="raise"))
+    with pytest.raises(FloatingPointError, match=message):
+        opt.step(in_place, bad, attrs.evolve(config, nonfinite="raise"))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_adam_step_writes_the_moments_of_tensors_of_any_layout(torch: Any, backend: str) -> None:
+    # Tensors laid out channels-last or transposed get moments of their own, C-contiguous,
+    # which the kernels write; more elements than one NumPy block, and numba at any size.
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
+    shape = (128, 32, 3, 3)
+    rng = np.random.default_rng(11)
+    w, g = rng.normal(size=shape), rng.normal(size=shape)
+    tensors = [
+        torch.tensor(w).to(memory_format=torch.channels_last),
+        torch.tensor(w.reshape(128, -1).T.copy()).T,  # a transposed view
+    ]
+    expected = [w.copy(), w.reshape(128, -1).copy()]
+    grads = [torch.tensor(g), torch.tensor(g.reshape(128, -1))]
+    with af.kernels.use_backend(backend):
+        for W, E, G in zip(tensors, expected, grads):
+            opt, reference = af.Adam(lr=0.01), af.Adam(lr=0.01)
+            for _ in range(3):
+                opt.step(W, G)
+                reference.step(E, G.numpy())
+            np.testing.assert_array_equal(W.numpy(), E)
+            np.testing.assert_array_equal(opt.m[id(W)].numpy(), reference.m[id(E)])
+
+
+def test_adam_step_takes_gradients_torch_has_no_view_of(torch: Any) -> None:
+    # A ZeroTensor has no memory to view: the generic kernel steps it. An inference tensor's
+    # memory is only read: viewed, with the NumPy bits.
+    W, expected = torch.linspace(-1, 1, 3), np.linspace(-1, 1, 3).astype(np.float32)
+    opt, reference = af.Adam(lr=0.1), af.Adam(lr=0.1)
+    opt.step(W, torch._efficientzerotensor(3))
+    reference.step(expected, np.zeros(3, np.float32))
+    np.testing.assert_array_equal(W.numpy(), expected)
+    rng = np.random.default_rng(12)
+    W, expected = torch.tensor(rng.random(1000, np.float32)), np.empty(1000, np.float32)
+    expected[:] = W.numpy()
+    with torch.inference_mode():
+        g = torch.tensor(rng.random(1000, np.float32))
+    opt.step(W, g)
+    reference.step(expected, g.numpy())
+    np.testing.assert_array_equal(W.numpy(), expected)
+
+
+def test_a_moment_dtype_torch_lacks_is_refused_and_changes_nothing(torch: Any) -> None:
+    if np.dtype(np.longdouble).name == "float64":
+        pytest.skip("longdouble is float64 here")
+    W = torch.ones(3)
+    opt = af.Adam(moment_dtype="longdouble")
+    with pytest.raises(TypeError, match=r"^AdamConfig.moment_dtype: float(96|128) is not a dtype"):
+        opt.step(W, torch.ones(3))
+    assert torch.equal(W, torch.ones(3)) and len(opt.m) == 0 and W._version == 0
 
 
 def test_adam_step_refuses_tensors_that_share_memory(torch: Any) -> None:

@@ -247,6 +247,14 @@ def test_a_batch_checked_late_keeps_the_order_of_the_decisions():
         adam_update(params, {"big": np.ones_like(big), "small": small}, state, skipping)
 
 
+def test_the_first_bad_leaf_is_named_whether_or_not_it_is_in_a_batch():
+    # The leaves of a batch are checked late, but a bad one before a big leaf's is named first.
+    params = [np.zeros(10), np.zeros(10), np.zeros(BATCH_LEAF + 1)]
+    grads = [np.array([np.nan] + [0.0] * 9), np.zeros(10), np.full(BATCH_LEAF + 1, np.inf)]
+    with pytest.raises(FloatingPointError, match=r"^grads\[0\]: expected finite"):
+        adam_update(params, grads, adam_init(params), AdamConfig())
+
+
 def test_a_steps_plan_is_kept_while_the_gradient_dtypes_and_the_kernels_stay():
     from adam_functional import _update
 
