@@ -23,7 +23,7 @@ import numpy as np
 
 from adam_functional import _tree
 from adam_functional import state_dict as plain_data
-from adam_functional._namespaces import is_foreign, namespace
+from adam_functional._namespaces import is_foreign, library, namespace
 from adam_functional._records import (
     PICKLE_VERSION,
     AdamConfig,
@@ -101,10 +101,16 @@ class _Slot:
 
     @classmethod
     def from_state(cls, state: AdamState) -> _Slot:
-        """A slot with writeable copies of a (checked) one-array state's moments."""
-        v_max = None if state.v_max is None else np.array(state.v_max)
+        """A slot with writeable copies of a (checked) one-array state's moments, of their
+        library."""
+        xp = namespace(state.m, "state.m") if is_foreign(state.m) else np
+
+        def copy(x: Any) -> Any:
+            return xp.asarray(x, copy=True)
+
+        v_max = None if state.v_max is None else copy(state.v_max)
         counts = {name: getattr(state, name) for name in _COUNTS}
-        return cls(np.array(state.m), np.array(state.v), v_max, **counts)
+        return cls(copy(state.m), copy(state.v), v_max, **counts)
 
     def leaf_state(self, origin: str) -> LeafState:
         return LeafState(self.m, self.v, self.v_max, self.t, self.consecutive_skips, origin)
@@ -642,22 +648,34 @@ def _unpickled_slot(entry: Any, config: AdamConfig, where: str) -> tuple[Any, _S
         state = AdamState(**{name: entry[name] for name in names - {"array"}})
     except (TypeError, ValueError) as error:
         raise ValueError(f"{where}: {error}") from None
-    if type(state.m) is not np.ndarray:
+    foreign = is_foreign(state.m)
+    if type(state.m) is not np.ndarray and not foreign:
         raise ValueError(f"{where}: expected one array per moment, got a tree")
     if config.amsgrad != (state.v_max is not None):
         expected = "an array" if config.amsgrad else "None"
         raise ValueError(f"{where}: expected v_max {expected} with amsgrad={config.amsgrad}")
     array = entry["array"]
-    if array is not None and not (
-        isinstance(array, np.ndarray)
-        and array.shape == state.m.shape
-        and plain(array).dtype.kind == "f"
-    ):
+    if array is not None and not _fits(array, state.m, foreign):
         raise ValueError(
             f"{where}: expected its array to be a floating-point array of shape "
-            f"{state.m.shape}, got {_describe(array)}"
+            f"{tuple(state.m.shape)} like its moments, got {_describe(array)}"
         )
     return array, _Slot.from_state(state)
+
+
+def _fits(array: Any, m: Any, foreign: bool) -> bool:
+    """Whether a pickled ``array`` can own moments ``m``: a floating-point array of their shape
+    and library (a torch tensor's moments are torch tensors, say)."""
+    if not foreign:
+        return (
+            isinstance(array, np.ndarray)
+            and array.shape == m.shape
+            and plain(array).dtype.kind == "f"
+        )
+    if not is_foreign(array) or library(array) != library(m):
+        return False
+    xp = namespace(array, "array")
+    return tuple(array.shape) == tuple(m.shape) and bool(xp.isdtype(array.dtype, "real floating"))
 
 
 def _step_tensors(step: Step, fields: list[LeafState], tensors: list[Any]) -> None:
@@ -686,8 +704,8 @@ def _write_back(params: list[Any], slots: list[_Slot], results: list[Any]) -> No
 
 
 def _describe(value: Any) -> str:
-    if isinstance(value, np.ndarray):
-        return f"dtype {value.dtype} and shape {value.shape}"
+    if isinstance(value, np.ndarray) or is_foreign(value):
+        return f"{type(value).__name__} of dtype {value.dtype} and shape {tuple(value.shape)}"
     return type(value).__name__
 
 

@@ -311,6 +311,44 @@ def test_adam_step_refuses_an_inference_tensor_outside_inference_mode(torch: Any
     assert not torch.equal(W, torch.ones(3))
 
 
+def test_an_adam_that_stepped_tensors_pickles_and_resumes_bit_for_bit(torch: Any) -> None:
+    import pickle
+
+    W = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    opt = af.Adam(lr=0.1, amsgrad=True)
+    opt.step(W, torch.ones(5, dtype=torch.float64))
+    W2, opt2 = pickle.loads(pickle.dumps((W, opt)))
+    assert type(opt2.m[id(W2)]) is torch.Tensor and opt2.t[id(W2)] == 1
+    for _ in range(3):
+        g = torch.linspace(0, 1, 5, dtype=torch.float64)
+        opt.step(W, g)
+        opt2.step(W2, g)
+    assert torch.equal(W, W2) and torch.equal(opt.get_state(W).v_max, opt2.get_state(W2).v_max)
+    alone = pickle.loads(pickle.dumps(opt))  # without its tensor: waits for the next new one
+    fresh = W.clone()
+    alone.step(fresh, g)
+    opt.step(W, g)
+    assert torch.equal(fresh, W)
+
+
+def test_a_pickled_tensor_state_must_fit_its_array(torch: Any) -> None:
+    from adam_functional._records import PICKLE_VERSION, unpickle
+
+    W = torch.ones(3)
+    opt = af.Adam(lr=0.1)
+    opt.step(W, torch.ones(3))
+    _, (_, _, fields) = opt.__reduce__()
+    for array, got in [
+        (np.ones(3, np.float32), r"ndarray of dtype float32 and shape \(3,\)"),
+        (torch.ones(4), r"Tensor of dtype torch.float32 and shape \(4,\)"),
+        (torch.ones(3, dtype=torch.int64), r"Tensor of dtype torch.int64 and shape \(3,\)"),
+    ]:
+        fields["slots"][0]["array"] = array
+        expected = rf"slots\[0\]: expected its array to be a floating-point array of shape \(3,\) like its moments, got {got}$"
+        with pytest.raises(ValueError, match=expected):
+            unpickle(af.Adam, PICKLE_VERSION, fields)
+
+
 def test_a_checkpoint_of_tensors_loads_as_numpy(torch: Any, tmp_path: Any) -> None:
     pytest.importorskip("safetensors", reason="checkpoint files need safetensors")
     from adam_functional import checkpoint, tree_map

@@ -807,8 +807,8 @@ FORGED = [
         "array of another shape",
         AdamConfig(),
         {"array": np.ones(4)},
-        r"expected its array to be a floating-point array of shape \(3,\), got dtype float64 and "
-        r"shape \(4,\)",
+        r"expected its array to be a floating-point array of shape \(3,\) like its moments, got "
+        r"ndarray of dtype float64 and shape \(4,\)",
     ),
     (
         "an extra key",
