@@ -247,31 +247,28 @@ def prepare_step(
         for index, config in enumerate(configs)
         if config.nonfinite != "propagate" and index not in deferred
     ]
-    try:
-        bad = _gradients_checked(
-            check, grads_arrays, params, states, configs, moments, streak, g_paths
+
+    def bad(indices: Iterable[int]) -> bool:
+        return _gradients_checked(
+            indices, grads_arrays, params, states, configs, moments, streak, g_paths
         )
+
+    # The batches' leaves are checked here too wherever they decide: a bad gradient whose config
+    # raises wins over one whose skips, and the first such leaf in the tree is named; a schedule's
+    # error does not hide either.
+    try:
+        skip = bad(check)
     except FloatingPointError:
         if not deferred:
             raise
-        # A leaf of a batch may come first in the tree: every leaf, in order, says which.
-        _gradients_checked(
-            [*check, *deferred], grads_arrays, params, states, configs, moments, streak, g_paths
-        )
-        raise
-    # A bad gradient whose config raises wins over one whose skips: the batches are looked at
-    # before a skip, and before a schedule's error, as they would have been first.
-    if bad:
-        _gradients_checked(
-            deferred, grads_arrays, params, states, configs, moments, streak, g_paths
-        )
+        skip = True
+    if skip:
+        bad([*check, *deferred])  # raises, or the step is skipped
         return Step(params, grads_arrays, None, choose, moments, streak)
     try:
         coefficients = _coefficients(states, configs)
     except Exception:
-        if _gradients_checked(
-            deferred, grads_arrays, params, states, configs, moments, streak, g_paths
-        ):
+        if bad(deferred):
             return Step(params, grads_arrays, None, choose, moments, streak)
         raise
     return Step(params, grads_arrays, coefficients, choose, moments, 0, None, None, plan, unchecked)
@@ -554,13 +551,13 @@ def run_fresh(
             continue
         dtype = step.params[first].dtype
         total = sum(step.params[i].size for i in group)
+        flat_g = _gathered([step.grads[i] for i in group], "g", total, dtype)
+        if group in step.unchecked and not kernels.squares_fit(flat_g, dtype):
+            return None
         flat = known.get(group)
         flat_p = None if flat is None else flat[0]
         if flat_p is None:
             flat_p = _gathered([step.params[i] for i in group], "p", total, dtype)
-        flat_g = _gathered([step.grads[i] for i in group], "g", total, dtype)
-        if group in step.unchecked and not kernels.squares_fit(flat_g, dtype):
-            return None
         moments = None if flat is None else flat[1:]
         if moments is None:
             v_max = [states[i].v_max for i in group]

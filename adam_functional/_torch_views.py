@@ -27,7 +27,7 @@ import numpy as np
 from adam_functional._step import LeafState
 from adam_functional._tree import TreeDef, flatten_like, unflatten
 
-__all__ = ["Views", "views", "written"]
+__all__ = ["Views", "empty", "views", "written", "zeros"]
 
 
 class Views(NamedTuple):

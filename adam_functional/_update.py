@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -495,15 +496,28 @@ def _update_tensors(
         (p.numpy(), m.numpy(), v.numpy(), None if vm is None else vm.numpy()) for p, m, v, vm in new
     ]
     run(step, fields, outputs)
-    new_p, new_m, new_v, new_vm = zip(*new) if new else ((), (), (), ())
+    return _results(new, state, treedef, state.t + 1, state.skipped, 0)
+
+
+def _results(
+    outputs: Sequence[Sequence[Any]],
+    state: AdamState,
+    treedef: TreeDef,
+    t: Any,
+    skipped: Any,
+    streak: Any,
+) -> tuple[Any, AdamState]:
+    """The new parameters and state of a step on another library's arrays, from each leaf's
+    ``(p, m, v, v_max)``."""
+    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
     unflatten = _tree.unflatten
     return unflatten(treedef, list(new_p)), AdamState(
         unflatten(treedef, list(new_m)),
         unflatten(treedef, list(new_v)),
-        state.t + 1,
+        t,
         unflatten(treedef, list(new_vm)) if state.v_max is not None else None,
-        state.skipped,
-        0,
+        skipped,
+        streak,
     )
 
 
@@ -516,7 +530,6 @@ def _update_array_api(
         copies = [step.xp.asarray(p, copy=True) for p in step.params]
         return _tree.unflatten(treedef, copies), kept
     outputs = run_array_api(step, states)
-    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
     # Counts held in arrays (JAX) stay arrays of their dtype, so that jit sees one signature.
     t, skipped, streak = state.t + 1, state.skipped, state.consecutive_skips * 0
     if step.taken is not None:  # Lazy arrays: the step is taken where `taken` holds.
@@ -526,11 +539,4 @@ def _update_array_api(
         t = state.t + taken
         skipped = state.skipped + (1 - taken)
         streak = (state.consecutive_skips + 1) * (1 - taken)
-    return _tree.unflatten(treedef, new_p), AdamState(
-        _tree.unflatten(treedef, new_m),
-        _tree.unflatten(treedef, new_v),
-        t,
-        _tree.unflatten(treedef, new_vm) if state.v_max is not None else None,
-        skipped,
-        streak,
-    )
+    return _results(outputs, state, treedef, t, skipped, streak)

@@ -324,21 +324,20 @@ class Adam:
                 # Other libraries' arrays need array-api-compat, viewed or not.
                 namespace(leaves[0], _tree.LeafPaths(treedef, "params")[0])
                 tensors = views(leaves, grads, treedef, states)
-            if tensors is None:
-                step = prepare_step(leaves, treedef, grads, states, configs, in_place=True)
-                owned = [
-                    _Slot.zeros_like(p, dtype, c.amsgrad, step.xp) if slot is None else slot
-                    for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
-                ]
-            else:
-                step = prepare_step(
-                    tensors.params, treedef, tensors.grads, tensors.states, configs, in_place=True
+            arrays, grads_in = leaves, grads
+            made: Any = np.zeros
+            if tensors is not None:
+                arrays, grads_in, states, made = (
+                    tensors.params,
+                    tensors.grads,
+                    tensors.states,
+                    zeros,
                 )
-                states = tensors.states
-                owned = [
-                    _Slot.zeros_like(p, dtype, c.amsgrad, made=zeros) if slot is None else slot
-                    for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
-                ]
+            step = prepare_step(arrays, treedef, grads_in, states, configs, in_place=True)
+            owned = [
+                _Slot.zeros_like(p, dtype, c.amsgrad, step.xp, made) if slot is None else slot
+                for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
+            ]
             if step.coefficients is None:
                 for slot in owned:
                     slot.skipped += 1

@@ -205,7 +205,8 @@ def test_adam_update_on_tensors_gives_the_bits_of_numpy_and_of_adam_step(
         tensors, state = adam_update(tensors, torch_grads, state, config)
         arrays, numpy_state = adam_update(arrays, grads, numpy_state, config)
         opt.step(in_place, torch_grads)
-        assert all(torch.equal(before[key], t) or step != 3 for key, t in tensors.items())
+        if step == 3:  # skipped: the parameters as they were
+            assert all(torch.equal(before[key], t) for key, t in tensors.items())
     assert state.t == numpy_state.t == STEPS - 1 and state.skipped == 1
     for key, a in arrays.items():
         assert type(tensors[key]) is torch.Tensor and type(state.m[key]) is torch.Tensor
