@@ -7,8 +7,10 @@ the arrays themselves and the optimizer's buffers for `Adam.step`. A check added
 both APIs, and since every check runs before `run`, a step that raises has changed nothing.
 
 `prepare_one` is `prepare_step` for one NumPy array in the common case, in one pass; it defers
-to `prepare_step` wherever a check would not plainly pass. `run_fresh` runs the pure update's
-step into fresh arrays, the small leaves of a tree in flat batches (`batches`).
+to `prepare_step` wherever a check would not plainly pass. `small_step` is `prepare_one` and
+`run` at once for the notebook's case, a few float64 elements, where a step is all overhead.
+`run_fresh` runs the pure update's step into fresh arrays, the small leaves of a tree in flat
+batches (`batches`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from adam_functional._tree import (
 )
 from adam_functional.kernels import Coefficients, Inputs, Kernel, Outputs
 from adam_functional.kernels import array_api as array_api_kernel
+from adam_functional.kernels import numpy as reference
 
 __all__ = [
     "BATCH_LEAF",
@@ -53,8 +56,10 @@ __all__ = [
     "run",
     "run_array_api",
     "run_fresh",
+    "small_step",
 ]
 
+_FLOAT64 = np.dtype(np.float64)
 _FLOAT_PARAMS = "a floating-point array (float16, float32, float64 or longdouble)"
 # Elements per step of the walk that looks at a gradient value by value.
 _CHUNK = 8192
@@ -347,6 +352,50 @@ def prepare_one(
     kernel = kernels.select(p.dtype, g.dtype, moments, p.size)
     c = kernels.coefficients(config, 1 if state is None else state.t + 1)
     return Step([p], [g], [c], [kernel], [moments], 0)
+
+
+def small_step(
+    p: np.ndarray,
+    g: Any,
+    m: np.ndarray,
+    v: np.ndarray,
+    t: int,
+    config: AdamConfig,
+    out: Outputs | None = None,
+) -> Outputs | None:
+    """`prepare_one` and `run` at once, for a float64 NumPy array of at most
+    `kernels.numpy.SCALAR_SIZE` elements, a constant learning rate and no option but L2 weight
+    decay (the notebook's examples), from moments ``m`` and ``v`` after ``t`` steps, by
+    `kernels.small_step`: the same bits as `run`. It writes into ``out`` (C-contiguous,
+    ``v_max`` None), or into new arrays where ``out`` is None, and returns the outputs.
+
+    Returns None unless every check plainly passes, and then it has written nothing:
+    `prepare_step` says what is wrong, or takes the step. The gradient's check is the step's
+    own arithmetic: every new ``v`` is finite only when no square of the gradient (after L2) is
+    NaN or overflows, since ``1 - beta2 > 0``.
+    """
+    shape = p.shape
+    if (
+        type(g) is not np.ndarray
+        or p.size > reference.SCALAR_SIZE
+        or p.dtype != _FLOAT64
+        or g.dtype != _FLOAT64
+        or m.dtype != _FLOAT64
+        or v.dtype != _FLOAT64
+        or g.shape != shape
+        or m.shape != shape
+        or v.shape != shape
+        or type(config.lr) is not float
+        or type(t) is not int
+        or config.moments_dtype(_FLOAT64) != _FLOAT64
+    ):
+        return None
+    c = kernels.coefficients(config, t + 1)
+    if not reference.is_plain(c):
+        return None
+    if out is None:
+        out = Outputs(np.empty(shape), np.empty(shape), np.empty(shape), None)
+    return out if kernels.small_step(Inputs(p, g, m, v, None), c, out) else None
 
 
 def _coefficients(

@@ -31,6 +31,7 @@ from adam_functional._step import (
     run,
     run_array_api,
     run_fresh,
+    small_step,
 )
 from adam_functional._torch_views import Views, empty, views
 from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
@@ -254,8 +255,16 @@ def adam_update(
 def _update_one(
     p: np.ndarray, g: Any, state: AdamState, config: AdamConfig
 ) -> tuple[np.ndarray, AdamState] | None:
-    """`adam_update` of one NumPy array in the common case (`prepare_one`); None otherwise."""
+    """`adam_update` of one NumPy array in the common cases (`small_step`, `prepare_one`); None
+    otherwise."""
     m, v = state.m, state.v
+    if state.v_max is None and not state.consecutive_skips and type(v) is np.ndarray:
+        small = small_step(p, g, m, v, state.t, config)
+        if small is not None:
+            new_state = AdamState._of_checked(
+                seal(small.m), seal(small.v), state.t + 1, None, state.skipped, 0
+            )
+            return small.p, new_state
     if type(v) is not np.ndarray or v.shape != m.shape or v.dtype != m.dtype:
         return None
     leaf = LeafState(m, v, state.v_max, state.t, state.consecutive_skips, None)

@@ -42,9 +42,11 @@ from adam_functional._step import (
     prepare_step,
     run,
     run_array_api,
+    small_step,
 )
 from adam_functional._torch_views import views, written, zeros
 from adam_functional._tree import ArrayTree
+from adam_functional.kernels import Outputs
 
 if TYPE_CHECKING:
     from adam_functional.schedules import Schedule
@@ -366,6 +368,12 @@ class Adam:
             slot = self._live_slot(p)
             if slot is None:
                 return False
+            flags = p.flags
+            if flags.writeable and flags.c_contiguous and not slot.consecutive_skips:
+                out = Outputs(p, slot.m, slot.v, None)
+                if small_step(p, g, slot.m, slot.v, slot.t, self._config, out) is not None:
+                    slot.t += 1
+                    return True
             state = LeafState(slot.m, slot.v, slot.v_max, slot.t, slot.consecutive_skips, None)
             step = prepare_one(p, g, state, self._config, in_place=True)
             if step is None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections import OrderedDict, namedtuple
 
+import attrs
 import numpy as np
 import pytest
 
@@ -506,3 +507,156 @@ def test_a_returned_parameter_given_other_strides_is_read_through_them():
         np.array(new["a"]), np.ones(4), AdamState(state.m["a"], state.v["a"], 1), config
     )
     _same_bits(got["a"], alone)
+
+
+# -------------------------------------------------------------------------------------------------
+# The step of a few float64 elements (`_step.small_step`): Python floats, or numba's `small` once
+# the loops are loaded; both APIs take it for one array.
+
+SMALL_BACKENDS = ["numpy", "numba"]
+SMALL_CONFIGS = [
+    AdamConfig(lr=0.01),
+    AdamConfig(lr=0.01, weight_decay=0.01),  # the notebook's L2
+    # eps of 0.0 divides by zero where v is 0.0: Python raises there, numba gives inf or NaN.
+    AdamConfig(lr=0.1, eps=0.0, nonfinite="propagate"),
+    AdamConfig(lr=0.3, beta1=0.0, beta2=0.0, weight_decay=0.5),
+]
+
+
+@pytest.fixture(params=SMALL_BACKENDS)
+def small_backend(request, monkeypatch):
+    """Each backend, as `use_backend` makes it (numba loaded), and a count of the small steps
+    that ran to the end."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    taken = []
+    original = kernels.small_step
+
+    def counted(*args):
+        done = original(*args)
+        taken.append(done)
+        return done
+
+    monkeypatch.setattr(kernels, "small_step", counted)
+    with kernels.use_backend(request.param):
+        yield taken
+
+
+def _slot_entry(m, v, t):
+    return {"m": m, "v": v, "t": t, "skipped": 0, "consecutive_skips": 0}
+
+
+def _small_case(rng, shape, values):
+    p, g, m, v = (np.array(rng.standard_normal(shape)) for _ in range(4))
+    v = np.abs(v, out=v)
+    if values == "special":  # parameters and moments of every kind, gradients finite
+        n = p.size
+        p.reshape(-1)[:] = np.resize(SPECIAL, n)
+        m.reshape(-1)[:] = np.resize(SPECIAL[::-1], n)
+        v.reshape(-1)[:] = np.resize([0.0, -0.0, 1e-310, 1e300, 2.0], n)
+        g.reshape(-1)[::3] = 0.0
+    return p, g, m, v
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (2, 2), (4, 4), (3, 5)])
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=range(len(SMALL_CONFIGS)))
+@pytest.mark.parametrize("values", ["random", "special"])
+def test_a_small_array_steps_with_the_bits_of_the_reference_kernel(
+    small_backend, shape, config, values
+):
+    rng = np.random.default_rng(11)
+    p, g, m, v = _small_case(rng, shape, values)
+    if values == "special":  # L2 of an infinite parameter makes the gradient infinite
+        config = attrs.evolve(config, nonfinite="propagate")
+    state = AdamState(m=m, v=v, t=4)
+    with np.errstate(all="ignore"):
+        expected = _fresh(p.size, False)
+        reference.adam_leaf(
+            Inputs(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), None),
+            kernels.coefficients(config, 5),
+            expected,
+        )
+        (tree_p,), tree_state = adam_update([p], [g], AdamState(m=[m], v=[v], t=4), config)
+        new_p, new_state = adam_update(p, g, state, config)
+        opt = Adam.from_config(config)
+        W = p.copy()
+        loaded = {**opt.state_dict(), "state": [_slot_entry(m, v, 4)], "names": ["params"]}
+        opt.load_state_dict(loaded, W)  # bound to W: its next step is a small one
+        opt.step(W, g)
+    if values == "random":
+        assert small_backend == [True, True]  # the pure update's, then the wrapper's
+    elif config.weight_decay == 0.0 and config.eps > 0.0:  # no infinity, no division by zero
+        assert any(small_backend)
+    for got_p, got_m, got_v in [
+        (new_p, new_state.m, new_state.v),
+        (W, opt.m[id(W)], opt.v[id(W)]),
+        (tree_p, tree_state.m[0], tree_state.v[0]),
+    ]:
+        _same_bits(got_p.reshape(-1), expected.p)
+        _same_bits(got_m.reshape(-1), expected.m)
+        _same_bits(got_v.reshape(-1), expected.v)
+    assert new_state.t == opt.t[id(W)] == 5
+    assert is_sealed(new_state.m) and is_sealed(new_state.v)
+    assert not np.shares_memory(new_p, p) and not np.shares_memory(new_state.m, m)
+
+
+def _stepped_once(config, p):
+    """An optimizer that has stepped ``p`` once (its next steps may be small ones)."""
+    opt = Adam.from_config(config)
+    opt.step(p, np.full(p.shape, 0.5))
+    return opt
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -1e200])
+def test_a_small_step_with_a_bad_gradient_changes_nothing_and_says_so(small_backend, bad):
+    config = AdamConfig(lr=0.01, weight_decay=0.01)
+    p = np.array([[1.0, 2.0], [3.0, 4.0]])
+    opt = _stepped_once(config, p)
+    state = adam_init(p, config)
+    before = p.copy(), opt.m[id(p)].copy(), opt.v[id(p)].copy()
+    g = np.array([[0.1, 0.2], [bad, 0.4]])
+    for step in (lambda: opt.step(p, g), lambda: adam_update(p, g, state, config)):
+        with pytest.raises(
+            FloatingPointError, match=r"^grads: expected finite gradients.*\(1, 0\)"
+        ):
+            step()
+    for got, expected in zip((p, opt.m[id(p)], opt.v[id(p)]), before):
+        assert got.tobytes() == expected.tobytes()
+    assert opt.t[id(p)] == 1 and not state.m.any()
+    opt.nonfinite = "skip"
+    opt.step(p, g)
+    new_p, new_state = adam_update(p, g, state, opt.config)
+    assert opt.t[id(p)] == 1 and new_state.t == 0 and new_state.skipped == 1
+    assert p.tobytes() == before[0].tobytes() == new_p.tobytes()
+    assert not any(small_backend)
+
+
+def test_squares_that_fit_but_sum_past_the_largest_float_still_step(small_backend):
+    # With beta2 = 0, v is g * g: four squares of 1e308 each fit, their sum does not. The
+    # Python-float step leaves that to the general path, which looks value by value.
+    config = AdamConfig(lr=0.1, beta2=0.0)
+    p, g = np.ones((2, 2)), np.full((2, 2), 1e154)
+    opt = _stepped_once(config, p)
+    tree_state = AdamState(m=[opt.m[id(p)]], v=[opt.v[id(p)]], t=1)
+    (expected,), _ = adam_update([p], [g], tree_state, config)
+    opt.step(p, g)
+    _same_bits(p, expected)
+    assert opt.t[id(p)] == 2 and np.isfinite(opt.v[id(p)]).all()
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_a_small_gradient_over_its_own_parameter_is_read_before_it_is_written(
+    small_backend, offset
+):
+    # The gradient is the parameter's memory, or that memory shifted by one element either way.
+    config = AdamConfig(lr=0.1, weight_decay=0.01)
+    buffer = np.linspace(1.0, 2.0, 6)
+    p = buffer[1:5]
+    expected = p.copy()
+    opt, reference_opt = _stepped_once(config, p), _stepped_once(config, expected)
+    for _ in range(3):
+        g = buffer[1 + offset : 5 + offset]
+        reference_opt.step(expected, g.copy())
+        opt.step(p, g)
+        _same_bits(p, expected)
+    assert small_backend.count(True) == 6

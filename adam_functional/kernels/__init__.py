@@ -41,6 +41,7 @@ __all__ = [
     "ravel",
     "scratch",
     "select",
+    "small_step",
     "squares_fit",
     "use_backend",
     "work_dtype",
@@ -234,6 +235,8 @@ class _Backend(NamedTuple):
     load: Callable[[], bool] | None
     #: Whether that loading failed.
     failed: Callable[[], bool] | None
+    #: The checked step of a few float64 elements (see `small_step`).
+    small_step: Callable[..., bool]
 
 
 _active: _Backend | None = None
@@ -251,6 +254,7 @@ def _load(name: str) -> _Backend:
         getattr(module, "squares_fit", None),
         getattr(module, "load", None),
         getattr(module, "failed", None),
+        module.small_step,
     )
 
 
@@ -311,6 +315,18 @@ def select(p: np.dtype, g: np.dtype, moments: np.dtype, total: int = 0) -> Kerne
         else:  # Not remembered: a larger step may load what the active backend needs.
             kernel = _reference.adam_leaf
     return kernel
+
+
+def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
+    """One step of float64 arrays of one shape and at most `numpy.SCALAR_SIZE` elements, with
+    no option but L2 weight decay (`numpy.is_plain`), by the active backend, checked as it goes:
+    it writes the C-contiguous outputs (which may be the inputs themselves; ``v_max`` is None)
+    and returns True when every new ``v`` is finite, else writes nothing and returns False. The
+    results are `adam_leaf`'s, bit for bit. ``x.g`` may share memory with ``x.p``: every input
+    is read before anything is written.
+    """
+    backend = _active if _active is not None else _resolve()
+    return backend.small_step(x, c, out)
 
 
 def selection() -> tuple[object, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["in_place", "parallel", "parallel_in_place", "serial", "squares_fit"]
+__all__ = ["in_place", "parallel", "parallel_in_place", "serial", "small", "squares_fit"]
 
 # Elements a thread takes at a time in the parallel loops.
 _CHUNK = 1 << 14
@@ -127,6 +127,40 @@ def parallel_in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped
         b = min(n, a + _CHUNK)
         vm = vmax[a:b] if amsgrad else vmax
         in_place(p[a:b], g[a:b], m[a:b], v[a:b], vm, coef, flags)
+
+
+# `small`'s arrays: float64, 1-D, C-contiguous, aligned or not; the inputs read-only, which
+# writeable arrays are taken as too, so that every call runs one signature, compiled once.
+_INPUT = numba.types.Array(numba.types.float64, 1, "C", readonly=True, aligned=False)
+_OUTPUT = numba.types.Array(numba.types.float64, 1, "C", aligned=False)
+_F64 = numba.types.float64
+
+
+@numba.njit(
+    numba.types.boolean(*[_INPUT] * 4, *[_OUTPUT] * 3, *[_F64] * 7),
+    cache=True,
+    nogil=True,
+    error_model="numpy",
+)
+def small(p, g, m, v, out_p, out_m, out_v, beta1, omb1, beta2, omb2, l2, step_m, eps):  # type: ignore[no-untyped-def]
+    # `kernels.small_step`: a few elements with no option but L2, whose scalars come as
+    # arguments (an array of them would cost more to make than the step). The outputs may be
+    # the inputs, and g may share memory with p: g is copied, and each element is read before
+    # it is written. Nothing is written unless every new v is finite.
+    c = (beta1, omb1, beta2, omb2, eps, l2, 1.0, 1.0, step_m, 0.0, 0.0)
+    f = (l2 != 0.0, False, False)
+    gs = g.copy()
+    n = p.shape[0]
+    for i in range(n):
+        vi = _element(p[i], gs[i], m[i], v[i], p[i], c, f)[2]
+        if not np.isfinite(vi):
+            return False
+    for i in range(n):
+        pi, mi, vi, _ = _element(p[i], gs[i], m[i], v[i], p[i], c, f)
+        out_p[i] = pi
+        out_m[i] = mi
+        out_v[i] = vi
+    return True
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

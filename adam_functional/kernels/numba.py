@@ -7,7 +7,8 @@ no ``fastmath`` (which would let LLVM reassociate and fuse them), and NumPy's er
 same. float32 and float64 run here (`supports`); the registry gives other dtypes (float16,
 longdouble, or gradients of another dtype than the parameters) to the reference kernel, and so
 does this module to arrays of a few float64 elements (the reference's Python-float loop, quicker
-there than the arguments of a compiled call).
+there than the arguments of a compiled call), but for the one-array step of `small_step`: a
+loop of its own that takes its scalars as arguments, at about a microsecond a call.
 
 The loops live in ``kernels._numba_loops``, which this module imports, and numba with it, at the
 first step of at least `COMPILED_MIN` elements (`load`): a process whose steps are all smaller
@@ -44,6 +45,7 @@ __all__ = [
     "adam_leaf",
     "failed",
     "load",
+    "small_step",
     "squares_fit",
     "supports",
 ]
@@ -111,6 +113,34 @@ def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
     if not (p in _NO_V_MAX and g == p and moments == p and p.isnative):
         return False
     return _loops is not None or (total >= COMPILED_MIN and load())
+
+
+def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
+    """`kernels.small_step`, compiled once the loops are loaded (the reference's until then):
+    its arrays' ``ravel`` are views, but for inputs of another layout, which it copies."""
+    loops = _loops
+    if loops is None:
+        return reference.small_step(x, c, out)
+    step_m, _, eps, _ = fold(c)
+    p, m, v = x.p.ravel(), x.m.ravel(), x.v.ravel()
+    return bool(
+        loops.small(
+            p,
+            x.g.ravel(),
+            m,
+            v,
+            p if out.p is x.p else out.p.ravel(),
+            m if out.m is x.m else out.m.ravel(),
+            v if out.v is x.v else out.v.ravel(),
+            c.beta1,
+            c.one_minus_beta1,
+            c.beta2,
+            c.one_minus_beta2,
+            c.l2,
+            step_m,
+            eps,
+        )
+    )
 
 
 def squares_fit(g: np.ndarray, limit: float) -> bool | None:

@@ -4,7 +4,8 @@ This is the formula of ``docs/algorithm.md`` in code; every other backend is hel
 bit for bit. `adam_leaf` walks the data in blocks of `BLOCK_SIZE` elements, so that its temporaries
 stay in cache and no full-size temporary is ever made; the temporaries are kept between steps,
 per thread (`kernels.scratch`). Arrays of a few float64 elements are computed in Python floats
-instead (`scalar`), with the same operations in the same order, and so the same bits.
+instead (`scalar`, and `small_step`, which checks as it computes), with the same operations in
+the same order, and so the same bits.
 
 The per-step scalars are folded once (`fold`), so that an element costs one division and one
 square root, where the notebook's order takes three divisions; the results agree with the
@@ -35,8 +36,12 @@ __all__ = [
     "SCALAR_SIZE",
     "adam_leaf",
     "fold",
+    "is_plain",
+    "plain_moments",
+    "plain_params",
     "scalar",
     "scalar_fits",
+    "small_step",
     "squares_fit",
     "supports",
 ]
@@ -253,8 +258,9 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     its order, each rounded as NumPy rounds it, so the results are the same bit for bit.
 
     Python raises where NumPy gives inf or NaN (a division by zero, the square root of a
-    negative number). The plain configuration takes a short loop that cannot meet either but by
-    raising, and then the full loop, which spells those cases out, takes the step again.
+    negative number). A step with no option but L2 (`is_plain`) takes short loops that cannot
+    meet either but by raising, and then the full loop, which spells those cases out, takes the
+    step again.
     """
     ps, gs, ms, vs = (
         x.p.ravel().tolist(),
@@ -264,17 +270,10 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     )
     step_m, step_g, eps, eps_root = fold(c)
     results: tuple[list[float], list[float], list[float], list[float] | None] | None = None
-    if (
-        step_g is None
-        and eps_root == 0.0
-        and c.l2 == 0.0
-        and c.decay is None
-        and not (c.maximize or c.amsgrad)
-    ):
+    if is_plain(c):
+        new_m, new_v = plain_moments(ps, gs, ms, vs, c)
         try:
-            results = _plain(
-                ps, gs, ms, vs, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, step_m, eps
-            )
+            results = plain_params(ps, new_m, new_v, step_m, eps), new_m, new_v, None
         except (ZeroDivisionError, ValueError):
             results = None
     if results is None:
@@ -294,28 +293,58 @@ def _store(a: np.ndarray, values: list[float]) -> None:
         a.flat[:] = values
 
 
-def _plain(
-    ps: list[float],
-    gs: list[float],
-    ms: list[float],
-    vs: list[float],
-    beta1: float,
-    one_minus_beta1: float,
-    beta2: float,
-    one_minus_beta2: float,
-    step_m: float,
-    eps: float,
-) -> tuple[list[float], list[float], list[float], list[float] | None]:
-    # `_every_option` with every option off; raises where the numbers would take a special case.
+def plain_moments(
+    ps: list[float], gs: list[float], ms: list[float], vs: list[float], c: Coefficients
+) -> tuple[list[float], list[float]]:
+    """The new moments of a step whose only option may be L2 weight decay (`is_plain`), in
+    Python floats, in `scalar`'s order."""
+    l2 = c.l2
+    if l2 != 0.0:
+        gs = [g + p * l2 for p, g in zip(ps, gs)]
+    beta1, one_minus_beta1, beta2, one_minus_beta2 = c[1:5]
+    new_m = [m * beta1 + g * one_minus_beta1 for g, m in zip(gs, ms)]
+    new_v = [v * beta2 + (g * g) * one_minus_beta2 for g, v in zip(gs, vs)]
+    return new_m, new_v
+
+
+def plain_params(
+    ps: list[float], new_m: list[float], new_v: list[float], step_m: float, eps: float
+) -> list[float]:
+    """The new parameters of a step of `is_plain` from its new moments and the folded scalars,
+    in Python floats, in `scalar`'s order. Raises ``ZeroDivisionError`` or ``ValueError`` where
+    NumPy would give inf or NaN (``eps = 0`` with ``v = 0``, or a negative ``v``)."""
     sqrt = math.sqrt
-    new_p, new_m, new_v = [], [], []
-    for p, g, m, v in zip(ps, gs, ms, vs):
-        m = m * beta1 + g * one_minus_beta1
-        v = v * beta2 + (g * g) * one_minus_beta2
-        new_p.append(p - (m * step_m) / (sqrt(v) + eps))
-        new_m.append(m)
-        new_v.append(v)
-    return new_p, new_m, new_v, None
+    return [p - (m * step_m) / (sqrt(v) + eps) for p, m, v in zip(ps, new_m, new_v)]
+
+
+def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
+    """`kernels.small_step` in Python floats: `plain_moments`, the check that every new ``v``
+    is finite, then `plain_params`."""
+    p, g, m, v, _ = x
+    ps = p.ravel().tolist()
+    new_m, new_v = plain_moments(ps, g.ravel().tolist(), m.ravel().tolist(), v.ravel().tolist(), c)
+    if not math.isfinite(sum(new_v)):  # Also when a sum of finite values overflows.
+        return False
+    step_m, _, eps, _ = fold(c)
+    try:
+        new_p = plain_params(ps, new_m, new_v, step_m, eps)
+    except (ZeroDivisionError, ValueError):  # Not finite; the general kernel spells it out.
+        return False
+    out.p.ravel()[...] = new_p
+    out.m.ravel()[...] = new_m
+    out.v.ravel()[...] = new_v
+    return True
+
+
+def is_plain(c: Coefficients) -> bool:
+    """Whether step ``c`` takes no option but L2 weight decay: the arithmetic of
+    `plain_moments` and `plain_params`."""
+    return (
+        c.bias_correction1_next is None
+        and c.eps_root == 0.0
+        and c.decay is None
+        and not (c.maximize or c.amsgrad)
+    )
 
 
 def _every_option(
