@@ -320,9 +320,9 @@ def plain_params(
 def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
     """`kernels.small_step` in Python floats: `plain_moments`, the check that every new ``v``
     is finite, then `plain_params`."""
-    p, g, m, v, _ = x
-    ps = p.ravel().tolist()
-    new_m, new_v = plain_moments(ps, g.ravel().tolist(), m.ravel().tolist(), v.ravel().tolist(), c)
+    p, m, v = x.p.ravel(), x.m.ravel(), x.v.ravel()  # views, but for p of another layout
+    ps = p.tolist()
+    new_m, new_v = plain_moments(ps, x.g.ravel().tolist(), m.tolist(), v.tolist(), c)
     if not math.isfinite(sum(new_v)):  # Also when a sum of finite values overflows.
         return False
     step_m, _, eps, _ = fold(c)
@@ -330,9 +330,9 @@ def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
         new_p = plain_params(ps, new_m, new_v, step_m, eps)
     except (ZeroDivisionError, ValueError):  # Not finite; the general kernel spells it out.
         return False
-    out.p.ravel()[...] = new_p
-    out.m.ravel()[...] = new_m
-    out.v.ravel()[...] = new_v
+    (p if out.p is x.p else out.p.ravel())[...] = new_p
+    (m if out.m is x.m else out.m.ravel())[...] = new_m
+    (v if out.v is x.v else out.v.ravel())[...] = new_v
     return True
 
 
