@@ -104,11 +104,13 @@ class _Slot:
     @classmethod
     def from_state(cls, state: AdamState) -> _Slot:
         """A slot with writeable copies of a (checked) one-array state's moments, of their
-        library."""
-        xp = namespace(state.m, "state.m") if is_foreign(state.m) else np
+        library; NumPy's C-contiguous, as the in-place kernels write them (a state may hold any
+        layout, a transposed view say)."""
+        foreign = is_foreign(state.m)
+        xp = namespace(state.m, "state.m") if foreign else np
 
         def copy(x: Any) -> Any:
-            return xp.asarray(x, copy=True)
+            return xp.asarray(x, copy=True) if foreign else np.array(x, order="C")
 
         v_max = None if state.v_max is None else copy(state.v_max)
         counts = {name: getattr(state, name) for name in _COUNTS}

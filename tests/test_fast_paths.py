@@ -660,3 +660,23 @@ def test_a_small_gradient_over_its_own_parameter_is_read_before_it_is_written(
         opt.step(p, g)
         _same_bits(p, expected)
     assert small_backend.count(True) == 6
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (4, 5)])
+def test_moments_restored_from_transposed_views_are_written_in_place(small_backend, shape):
+    # A state may hold moments of any layout (here read-only transposed views of sealed arrays,
+    # which it keeps as they are); the optimizer's own copies are C-contiguous, as the in-place
+    # kernels write them.
+    rng = np.random.default_rng(3)
+    p, g = rng.standard_normal(shape), rng.standard_normal(shape)
+    m, v = (seal(np.abs(rng.standard_normal(shape[::-1]))) for _ in range(2))
+    results = []
+    for m_in, v_in in [(m.T, v.T), (np.ascontiguousarray(m.T), np.ascontiguousarray(v.T))]:
+        opt, W = Adam(lr=0.1), p.copy()
+        entry = _slot_entry(m_in, v_in, 3)
+        opt.load_state_dict({**opt.state_dict(), "state": [entry], "names": ["params"]}, W)
+        opt.step(W, g)
+        results.append((W, opt.m[id(W)], opt.v[id(W)]))
+    for got, expected in zip(*results):
+        _same_bits(got, expected)
+    assert not np.array_equal(results[0][1], m.T)  # the moments moved
