@@ -8,6 +8,7 @@ first such array.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "is_traced",
     "library",
     "namespace",
+    "refuse_unsupported",
     "to_numpy",
 ]
 
@@ -83,7 +85,49 @@ def namespace(x: Any, where: str) -> ModuleType:
             f"{where}: expected an array of a library that follows the array API standard, got "
             f"{type(x).__name__} ({error})"
         ) from None
+    refuse_unsupported(x, where)
     return xp
+
+
+def refuse_unsupported(x: Any, where: str) -> None:
+    """Refuses an array of another library that holds no dense values of a known shape and a
+    numeric dtype, which the array API computes on: a torch tensor that is sparse, MKL-DNN,
+    nested, or on the meta device (no values at all); a dask array of unknown chunk sizes; a
+    JAX array of PRNG keys.
+
+    Raises:
+      TypeError: ``x`` is such a tensor, or an array of keys.
+      ValueError: ``x``'s shape is not known.
+    """
+    lib = library(x)
+    if lib == "torch":
+        import torch  # Imported already: x is one of its tensors.
+
+        if x.is_nested:
+            got, advice = "a nested tensor", "give each of its tensors as a leaf of the tree"
+        elif x.layout != torch.strided:
+            got, advice = f"a tensor of layout {x.layout}", "convert it with to_dense()"
+        elif x.is_meta:
+            got, advice = "a tensor on the meta device, which holds no values", "give real tensors"
+        else:
+            return
+        raise TypeError(
+            f"{where}: expected a dense tensor with values (layout torch.strided), got {got}; "
+            f"{advice}"
+        )
+    if lib == "dask" and any(math.isnan(extent) for extent in x.shape):
+        raise ValueError(
+            f"{where}: expected an array of known shape, got a dask array of shape {x.shape} "
+            "(unknown chunk sizes); call its compute_chunk_sizes() first"
+        )
+    if lib == "jax":
+        import jax  # Imported already: x is one of its arrays.
+
+        if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise TypeError(
+                f"{where}: expected an array of numbers, got an array of PRNG keys "
+                f"(dtype {x.dtype})"
+            )
 
 
 def to_numpy(x: Any) -> np.ndarray:

@@ -24,7 +24,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from adam_functional import kernels
-from adam_functional._namespaces import is_foreign, is_lazy, is_traced, library, namespace
+from adam_functional._namespaces import (
+    is_foreign,
+    is_lazy,
+    is_traced,
+    library,
+    namespace,
+    refuse_unsupported,
+)
 from adam_functional._records import AdamConfig, seal
 from adam_functional._tree import (
     MAX_DEPTH,
@@ -1109,6 +1116,7 @@ def _same_library(x: Any, lib: str, where: str) -> None:
             f"{where}: expected a {lib} array like the other params, got {got}; one call takes "
             "the arrays of one library"
         )
+    refuse_unsupported(x, where)
 
 
 def _finite_step(xp: Any, p: Any, g: Any, config: AdamConfig) -> Any:

@@ -226,3 +226,15 @@ def test_the_cluster_example_runs() -> None:
     losses = [float(line.split()[-1]) for line in lines if line.startswith("step ")]
     assert len(losses) == 10 and losses[-1] < 0.6 * losses[0]
     assert lines[-1].startswith("matches the same steps on NumPy")
+
+
+def test_arrays_of_unknown_shape_are_refused_by_name(lib: Any) -> None:
+    known = lib.asarray(np.ones(4))
+    unknown = known[known > 0]  # shape (nan,) until computed
+    pattern = r"expected an array of known shape, got a dask array of shape \(nan,\)"
+    with pytest.raises(ValueError, match=rf"^params: {pattern}"):
+        adam_init(unknown)
+    with pytest.raises(ValueError, match=rf"^grads: {pattern}"):
+        adam_update(known, unknown, adam_init(known), AdamConfig())
+    with pytest.raises(ValueError, match=rf"^AdamState\.m: {pattern}"):
+        af.AdamState(m=unknown, v=unknown, t=0)

@@ -366,3 +366,43 @@ def test_a_checkpoint_of_tensors_loads_as_numpy(torch: Any, tmp_path: Any) -> No
     np.testing.assert_array_equal(loaded["state"].v_max["w"], state.v_max["w"].numpy())
     back = tree_map(torch.tensor, loaded["state"])
     assert isinstance(back.m["w"], torch.Tensor) and back.t == 1
+
+
+_NOT_DENSE = {
+    "sparse": (lambda t, x: x.to_sparse(), r"layout torch\.sparse_coo; convert it with to_dense"),
+    "sparse_csr": (lambda t, x: x.to_sparse_csr(), r"layout torch\.sparse_csr"),
+    "mkldnn": (lambda t, x: x.float().to_mkldnn(), r"layout torch\._mkldnn"),
+    "meta": (lambda t, x: x.to("meta"), r"on the meta device, which holds no values"),
+    "nested": (
+        lambda t, x: t.nested.nested_tensor(list(x)),
+        r"a nested tensor; give each of its tensors as a leaf",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors is in prototype stage")
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta state")
+@pytest.mark.parametrize("kind", sorted(_NOT_DENSE))
+@pytest.mark.parametrize("where", ["params", "grads", "state"])
+def test_tensors_without_dense_values_are_refused_by_name(
+    torch: Any, kind: str, where: str
+) -> None:
+    make, message = _NOT_DENSE[kind]
+    p, g = torch.ones(2, 3, dtype=torch.float64), torch.full((2, 3), 0.5, dtype=torch.float64)
+    odd = make(torch, p.clone())
+    opt = af.Adam()
+    if where == "state":
+        with pytest.raises(TypeError, match=rf"^AdamState\.m: expected a dense tensor.*{message}"):
+            af.AdamState(m=odd, v=odd, t=0)
+        return
+    args = {"params": (odd, g), "grads": (p, odd)}[where]
+    pattern = (
+        rf"^{where}: expected a dense tensor with values \(layout torch\.strided\), got .*{message}"
+    )
+    calls = [lambda: adam_update(*args, adam_init(p), AdamConfig()), lambda: opt.step(*args)]
+    if where == "params":
+        calls.append(lambda: adam_init(odd))
+    for call in calls:
+        with pytest.raises(TypeError, match=pattern):
+            call()
+    assert torch.equal(p, torch.ones(2, 3, dtype=torch.float64)) and not opt.m
