@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _util import fenced_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEST_MARKER = "<!-- notest -->"
 
-_FENCE_OPEN = re.compile(r"^[ \t]*(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 _PYTHON_INFO = re.compile(r"^(?:python|py)(?:[ \t]|$)")
 
 
@@ -63,27 +63,14 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
     """
     lines = text.splitlines()
     blocks: list[tuple[int, str]] = []
-    index = 0
-    while index < len(lines):
-        opening = _FENCE_OPEN.match(lines[index])
-        if opening is None:
-            index += 1
-            continue
-        fence = opening["fence"]
-        closing = re.compile(rf"^[ \t]*{re.escape(fence[0])}{{{len(fence)},}}[ \t]*$")
-        end = index + 1
-        while end < len(lines) and not closing.match(lines[end]):
-            end += 1
-        if end == len(lines):
-            raise ValueError(f"line {index + 1}: the fence {fence!r} is never closed")
-        previous = index - 1
+    for block in fenced_blocks(text):
+        previous = block.opening - 1
         while previous >= 0 and not lines[previous].strip():
             previous -= 1
         skipped = previous >= 0 and lines[previous].strip() == NOTEST_MARKER
-        if _PYTHON_INFO.match(opening["info"].strip()) and not skipped:
-            code = textwrap.dedent("\n".join(lines[index + 1 : end]))
-            blocks.append((index + 2, code + "\n"))
-        index = end + 1
+        if _PYTHON_INFO.match(block.info) and not skipped:
+            code = textwrap.dedent("\n".join(block.lines))
+            blocks.append((block.opening + 2, code + "\n"))
     return blocks
 
 
@@ -228,6 +215,17 @@ def test_formulas_are_typeset_to_mathml_with_no_script(site: Path) -> None:
             assert raw not in text, f"{where}: raw TeX {raw!r} left in the page"
         assert "mathjax" not in text.lower(), where
         assert not re.search(r"<script[^>]+src=\"https?:", page.read_text(encoding="utf-8")), where
+
+
+@pytest.mark.slow
+def test_pages_load_nothing_from_other_hosts(site: Path) -> None:
+    """No stylesheet, font or script comes from the network: the pages read the same offline
+    and tell no one who reads them (the theme's Google Fonts are off)."""
+    for page in sorted(site.rglob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        where = page.relative_to(site).as_posix()
+        assert not re.search(r"<(?:link|script)\b[^>]+(?:href|src)=\"(?:https?:)?//", text), where
+        assert "fonts.googleapis" not in text and "fonts.gstatic" not in text, where
 
 
 @pytest.mark.slow

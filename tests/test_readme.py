@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _util import fenced_blocks
 from test_notebook import NOTEBOOK, NOTEBOOK_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +68,6 @@ NOT_COPIED = (
     ".benchmarks",
 )
 
-_FENCE = re.compile(r"^(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
-
 
 def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
     """Returns ``(line number of the opening fence, commands)`` for each bash block of ``text``.
@@ -76,24 +75,12 @@ def bash_blocks(text: str) -> list[tuple[int, list[str]]]:
     A command is a line of the block without its trailing comment; blank and comment-only lines
     are left out, and a line ending in a backslash continues on the next.
     """
-    lines = text.splitlines()
     blocks: list[tuple[int, list[str]]] = []
-    index = 0
-    while index < len(lines):
-        opening = _FENCE.match(lines[index])
-        if opening is None:
-            index += 1
-            continue
-        end = index + 1
-        while end < len(lines) and lines[end].strip() != opening["fence"]:
-            end += 1
-        if end == len(lines):
-            raise ValueError(f"line {index + 1}: the fence {opening['fence']!r} is never closed")
-        if opening["info"].strip() in ("bash", "sh", "shell", "console"):
-            source = "\n".join(lines[index + 1 : end]).replace("\\\n", " ")
+    for block in fenced_blocks(text):
+        if block.info in ("bash", "sh", "shell", "console"):
+            source = "\n".join(block.lines).replace("\\\n", " ")
             commands = [_without_comment(line) for line in source.splitlines()]
-            blocks.append((index + 1, [command for command in commands if command]))
-        index = end + 1
+            blocks.append((block.opening + 1, [command for command in commands if command]))
     return blocks
 
 
