@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import math
 import mmap
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -368,13 +369,13 @@ def small_step(
     v: np.ndarray,
     t: int,
     config: AdamConfig,
-    out: Outputs | None = None,
-) -> Outputs | None:
+    out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """`prepare_one` and `run` at once, for a float64 NumPy array of at most
     `kernels.numpy.SCALAR_SIZE` elements, a constant learning rate and no option but L2 weight
     decay (the notebook's examples), from moments ``m`` and ``v`` after ``t`` steps, by
-    `kernels.small_step`: the same bits as `run`. It writes into ``out`` (C-contiguous,
-    ``v_max`` None), or into new arrays where ``out`` is None, and returns the outputs.
+    `kernels.small_step`: the same bits as `run`. It writes into ``out``, the C-contiguous new
+    ``(p, m, v)``, or into new arrays where ``out`` is None, and returns them.
 
     Returns None unless every check plainly passes, and then it has written nothing:
     `prepare_step` says what is wrong, or takes the step. The gradient's check is the step's
@@ -392,17 +393,42 @@ def small_step(
         or g.shape != shape
         or m.shape != shape
         or v.shape != shape
-        or type(config.lr) is not float
         or type(t) is not int
-        or config.moments_dtype(_FLOAT64) != _FLOAT64
     ):
         return None
-    c = kernels.coefficients(config, t + 1)
-    if not reference.is_plain(c):
+    plain = _plain_scalars(config)
+    if plain is None:
         return None
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, l2, eps = plain
+    bias_correction1, bias_correction2 = kernels.bias_corrections(beta1, beta2, t + 1)
+    step_m, eps = reference.fold_plain(lr, bias_correction1, bias_correction2, eps)
     if out is None:
-        out = Outputs(np.empty(shape), np.empty(shape), np.empty(shape), None)
-    return out if kernels.small_step(Inputs(p, g, m, v, None), c, out) else None
+        out = (np.empty(shape), np.empty(shape), np.empty(shape))
+    scalars = (beta1, one_minus_beta1, beta2, one_minus_beta2, l2, step_m, eps)
+    return out if kernels.small_step((p, g, m, v, *out), scalars) else None
+
+
+# The scalars of `small_step` that a config fixes, by id(config), with a weak reference that
+# tells whether the id still names that config; cleared when it grows past a few configs.
+_PLAIN: dict[int, tuple[Any, tuple[float, ...] | None]] = {}
+
+
+def _plain_scalars(config: AdamConfig) -> tuple[float, ...] | None:
+    """``(lr, beta1, 1 - beta1, beta2, 1 - beta2, l2, eps)`` of a config with a constant
+    learning rate, float64 moments for float64 parameters and no option but L2 weight decay
+    (`kernels.numpy.is_plain`), as `kernels.coefficients` makes them; else None."""
+    entry = _PLAIN.get(id(config))
+    if entry is not None and entry[0]() is config:
+        return entry[1]
+    plain = None
+    if type(config.lr) is float and config.moments_dtype(_FLOAT64) == _FLOAT64:
+        c = kernels.coefficients(config, 1)  # what does not depend on the step
+        if reference.is_plain(c):
+            plain = (c.lr, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.l2, c.eps)
+    if len(_PLAIN) >= 64:
+        _PLAIN.clear()
+    _PLAIN[id(config)] = (weakref.ref(config), plain)
+    return plain
 
 
 def _coefficients(

@@ -261,10 +261,11 @@ def _update_one(
     if state.v_max is None and not state.consecutive_skips and type(v) is np.ndarray:
         small = small_step(p, g, m, v, state.t, config)
         if small is not None:
+            new_p, new_m, new_v = small
             new_state = AdamState._of_checked(
-                seal(small.m), seal(small.v), state.t + 1, None, state.skipped, 0
+                seal(new_m), seal(new_v), state.t + 1, None, state.skipped, 0
             )
-            return small.p, new_state
+            return new_p, new_state
     if type(v) is not np.ndarray or v.shape != m.shape or v.dtype != m.dtype:
         return None
     leaf = LeafState(m, v, state.v_max, state.t, state.consecutive_skips, None)

@@ -46,7 +46,6 @@ from adam_functional._step import (
 )
 from adam_functional._torch_views import views, written, zeros
 from adam_functional._tree import ArrayTree
-from adam_functional.kernels import Outputs
 
 if TYPE_CHECKING:
     from adam_functional.schedules import Schedule
@@ -372,7 +371,7 @@ class Adam:
                 return False
             flags = p.flags
             if flags.writeable and flags.c_contiguous and not slot.consecutive_skips:
-                out = Outputs(p, slot.m, slot.v, None)
+                out = (p, slot.m, slot.v)
                 if small_step(p, g, slot.m, slot.v, slot.t, self._config, out) is not None:
                     slot.t += 1
                     return True

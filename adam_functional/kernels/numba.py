@@ -35,7 +35,16 @@ from types import ModuleType
 
 import numpy as np
 
-from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, ravel, write_back
+from adam_functional.kernels import (
+    Coefficients,
+    Inputs,
+    Outputs,
+    SmallArrays,
+    SmallScalars,
+    flat,
+    ravel,
+    write_back,
+)
 from adam_functional.kernels import numpy as reference
 from adam_functional.kernels.numpy import fold
 
@@ -115,30 +124,24 @@ def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
     return _loops is not None or (total >= COMPILED_MIN and load())
 
 
-def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
+def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
     """`kernels.small_step`, compiled once the loops are loaded (the reference's until then):
     its arrays' ``ravel`` are views, but for inputs of another layout, which it copies."""
     loops = _loops
     if loops is None:
-        return reference.small_step(x, c, out)
-    step_m, _, eps, _ = fold(c)
-    p, m, v = x.p.ravel(), x.m.ravel(), x.v.ravel()
+        return reference.small_step(arrays, scalars)
+    p, g, m, v, out_p, out_m, out_v = arrays
+    flat_p, flat_m, flat_v = p.ravel(), m.ravel(), v.ravel()
     return bool(
         loops.small(
-            p,
-            x.g.ravel(),
-            m,
-            v,
-            p if out.p is x.p else out.p.ravel(),
-            m if out.m is x.m else out.m.ravel(),
-            v if out.v is x.v else out.v.ravel(),
-            c.beta1,
-            c.one_minus_beta1,
-            c.beta2,
-            c.one_minus_beta2,
-            c.l2,
-            step_m,
-            eps,
+            flat_p,
+            g.ravel(),
+            flat_m,
+            flat_v,
+            flat_p if out_p is p else out_p.ravel(),
+            flat_m if out_m is m else out_m.ravel(),
+            flat_v if out_v is v else out_v.ravel(),
+            *scalars,
         )
     )
 

@@ -24,6 +24,8 @@ from adam_functional.kernels import (
     Coefficients,
     Inputs,
     Outputs,
+    SmallArrays,
+    SmallScalars,
     flat,
     scratch,
     work_dtype,
@@ -36,6 +38,7 @@ __all__ = [
     "SCALAR_SIZE",
     "adam_leaf",
     "fold",
+    "fold_plain",
     "is_plain",
     "plain_moments",
     "plain_params",
@@ -238,13 +241,20 @@ def fold(c: Any) -> tuple[Any, Any, Any, Any]:
     factor of ``g``; else ``step_g`` is None. The scalars are Python floats (float64), or 0-d
     arrays of the work dtype under ``jax.jit``; the arithmetic is the same.
     """
+    eps_root = c.eps_root * c.bias_correction2
+    if c.bias_correction1_next is None:
+        step_m, eps = fold_plain(c.lr, c.bias_correction1, c.bias_correction2, c.eps)
+        return step_m, None, eps, eps_root
     root_bc2 = c.bias_correction2**0.5
-    if c.bias_correction1_next is not None:
-        step_m = c.lr * c.beta1 * root_bc2 / c.bias_correction1_next
-        step_g = c.lr * c.one_minus_beta1 * root_bc2 / c.bias_correction1
-    else:
-        step_m, step_g = c.lr * root_bc2 / c.bias_correction1, None
-    return step_m, step_g, c.eps * root_bc2, c.eps_root * c.bias_correction2
+    step_m = c.lr * c.beta1 * root_bc2 / c.bias_correction1_next
+    step_g = c.lr * c.one_minus_beta1 * root_bc2 / c.bias_correction1
+    return step_m, step_g, c.eps * root_bc2, eps_root
+
+
+def fold_plain(lr: Any, bias_correction1: Any, bias_correction2: Any, eps: Any) -> tuple[Any, Any]:
+    """`fold`'s ``(step_m, eps)`` without Nesterov's momentum, from the step's scalars."""
+    root_bc2 = bias_correction2**0.5
+    return lr * root_bc2 / bias_correction1, eps * root_bc2
 
 
 def scalar_fits(x: Inputs, out: Outputs) -> bool:
@@ -271,7 +281,7 @@ def scalar(x: Inputs, c: Coefficients, out: Outputs) -> None:
     step_m, step_g, eps, eps_root = fold(c)
     results: tuple[list[float], list[float], list[float], list[float] | None] | None = None
     if is_plain(c):
-        new_m, new_v = plain_moments(ps, gs, ms, vs, c)
+        new_m, new_v = plain_moments(ps, gs, ms, vs, *c[1:5], c.l2)
         try:
             results = plain_params(ps, new_m, new_v, step_m, eps), new_m, new_v, None
         except (ZeroDivisionError, ValueError):
@@ -294,14 +304,20 @@ def _store(a: np.ndarray, values: list[float]) -> None:
 
 
 def plain_moments(
-    ps: list[float], gs: list[float], ms: list[float], vs: list[float], c: Coefficients
+    ps: list[float],
+    gs: list[float],
+    ms: list[float],
+    vs: list[float],
+    beta1: float,
+    one_minus_beta1: float,
+    beta2: float,
+    one_minus_beta2: float,
+    l2: float,
 ) -> tuple[list[float], list[float]]:
     """The new moments of a step whose only option may be L2 weight decay (`is_plain`), in
     Python floats, in `scalar`'s order."""
-    l2 = c.l2
     if l2 != 0.0:
         gs = [g + p * l2 for p, g in zip(ps, gs)]
-    beta1, one_minus_beta1, beta2, one_minus_beta2 = c[1:5]
     new_m = [m * beta1 + g * one_minus_beta1 for g, m in zip(gs, ms)]
     new_v = [v * beta2 + (g * g) * one_minus_beta2 for g, v in zip(gs, vs)]
     return new_m, new_v
@@ -317,22 +333,25 @@ def plain_params(
     return [p - (m * step_m) / (sqrt(v) + eps) for p, m, v in zip(ps, new_m, new_v)]
 
 
-def small_step(x: Inputs, c: Coefficients, out: Outputs) -> bool:
+def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
     """`kernels.small_step` in Python floats: `plain_moments`, the check that every new ``v``
     is finite, then `plain_params`."""
-    p, m, v = x.p.ravel(), x.m.ravel(), x.v.ravel()  # views, but for p of another layout
-    ps = p.tolist()
-    new_m, new_v = plain_moments(ps, x.g.ravel().tolist(), m.tolist(), v.tolist(), c)
+    p, g, m, v, out_p, out_m, out_v = arrays
+    step_m, eps = scalars[5:]
+    flat_p, flat_m, flat_v = p.ravel(), m.ravel(), v.ravel()  # views, but for p of another layout
+    ps = flat_p.tolist()
+    new_m, new_v = plain_moments(
+        ps, g.ravel().tolist(), flat_m.tolist(), flat_v.tolist(), *scalars[:5]
+    )
     if not math.isfinite(sum(new_v)):  # Also when a sum of finite values overflows.
         return False
-    step_m, _, eps, _ = fold(c)
     try:
         new_p = plain_params(ps, new_m, new_v, step_m, eps)
     except (ZeroDivisionError, ValueError):  # Not finite; the general kernel spells it out.
         return False
-    (p if out.p is x.p else out.p.ravel())[...] = new_p
-    (m if out.m is x.m else out.m.ravel())[...] = new_m
-    (v if out.v is x.v else out.v.ravel())[...] = new_v
+    (flat_p if out_p is p else out_p.ravel())[...] = new_p
+    (flat_m if out_m is m else out_m.ravel())[...] = new_m
+    (flat_v if out_v is v else out_v.ravel())[...] = new_v
     return True
 
 
