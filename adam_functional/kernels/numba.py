@@ -32,21 +32,16 @@ import importlib.util
 import threading
 import warnings
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adam_functional.kernels import (
-    Coefficients,
-    Inputs,
-    Outputs,
-    SmallArrays,
-    SmallScalars,
-    flat,
-    ravel,
-    write_back,
-)
+from adam_functional.kernels import Coefficients, Inputs, Outputs, flat, ravel, write_back
 from adam_functional.kernels import numpy as reference
 from adam_functional.kernels.numpy import fold
+
+if TYPE_CHECKING:
+    from adam_functional.kernels import SmallArrays, SmallScalars
 
 __all__ = [
     "COMPILED_MIN",
