@@ -371,9 +371,9 @@ def small_step(
     config: AdamConfig,
     out: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """`prepare_one` and `run` at once, for a float64 NumPy array of at most
-    `kernels.numpy.SCALAR_SIZE` elements, a constant learning rate and no option but L2 weight
-    decay (the notebook's examples), from moments ``m`` and ``v`` after ``t`` steps, by
+    """`prepare_one` and `run` at once, for a float64 (or, compiled, float32) NumPy array of at
+    most `kernels.numpy.SCALAR_SIZE` elements, a constant learning rate and no option but L2
+    weight decay (the notebook's examples), from moments ``m`` and ``v`` after ``t`` steps, by
     `kernels.small_step`: the same bits as `run`. It writes into ``out``, the C-contiguous new
     ``(p, m, v)``, or into new arrays where ``out`` is None, and returns them.
 
@@ -382,14 +382,13 @@ def small_step(
     own arithmetic: every new ``v`` is finite only when no square of the gradient (after L2) is
     NaN or overflows, since ``1 - beta2 > 0``.
     """
-    shape = p.shape
+    shape, dtype = p.shape, p.dtype
     if (
         type(g) is not np.ndarray
         or p.size > reference.SCALAR_SIZE
-        or p.dtype != _FLOAT64
-        or g.dtype != _FLOAT64
-        or m.dtype != _FLOAT64
-        or v.dtype != _FLOAT64
+        or g.dtype != dtype
+        or m.dtype != dtype
+        or v.dtype != dtype
         or g.shape != shape
         or m.shape != shape
         or v.shape != shape
@@ -397,34 +396,38 @@ def small_step(
     ):
         return None
     plain = _plain_scalars(config)
-    if plain is None:
+    if plain is None or dtype not in plain[1]:
         return None
-    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, l2, eps = plain
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, l2, eps = plain[0]
     bias_correction1, bias_correction2 = kernels.bias_corrections(beta1, beta2, t + 1)
     step_m, eps = reference.fold_plain(lr, bias_correction1, bias_correction2, eps)
     if out is None:
-        out = (np.empty(shape), np.empty(shape), np.empty(shape))
+        out = (np.empty(shape, dtype), np.empty(shape, dtype), np.empty(shape, dtype))
     scalars = (beta1, one_minus_beta1, beta2, one_minus_beta2, l2, step_m, eps)
     return out if kernels.small_step((p, g, m, v, *out), scalars) else None
 
 
 # The scalars of `small_step` that a config fixes, by id(config), with a weak reference that
 # tells whether the id still names that config; cleared when it grows past a few configs.
-_PLAIN: dict[int, tuple[Any, tuple[float, ...] | None]] = {}
+_PLAIN: dict[int, tuple[Any, Any]] = {}
+_SMALL_DTYPES = (_FLOAT64, np.dtype(np.float32))
 
 
-def _plain_scalars(config: AdamConfig) -> tuple[float, ...] | None:
-    """``(lr, beta1, 1 - beta1, beta2, 1 - beta2, l2, eps)`` of a config with a constant
-    learning rate, float64 moments for float64 parameters and no option but L2 weight decay
-    (`kernels.numpy.is_plain`), as `kernels.coefficients` makes them; else None."""
+def _plain_scalars(config: AdamConfig) -> tuple[tuple[float, ...], tuple[np.dtype, ...]] | None:
+    """For a config with a constant learning rate and no option but L2 weight decay
+    (`kernels.numpy.is_plain`): ``(lr, beta1, 1 - beta1, beta2, 1 - beta2, l2, eps)`` as
+    `kernels.coefficients` makes them, and the dtypes of `small_step` whose moments it keeps in
+    that dtype. Else None."""
     entry = _PLAIN.get(id(config))
     if entry is not None and entry[0]() is config:
-        return entry[1]
+        return entry[1]  # type: ignore[no-any-return]
     plain = None
-    if type(config.lr) is float and config.moments_dtype(_FLOAT64) == _FLOAT64:
+    if type(config.lr) is float:
         c = kernels.coefficients(config, 1)  # what does not depend on the step
         if reference.is_plain(c):
-            plain = (c.lr, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.l2, c.eps)
+            dtypes = tuple(d for d in _SMALL_DTYPES if config.moments_dtype(d) == d)
+            scalars = (c.lr, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.l2, c.eps)
+            plain = scalars, dtypes
     if len(_PLAIN) >= 64:
         _PLAIN.clear()
     _PLAIN[id(config)] = (weakref.ref(config), plain)

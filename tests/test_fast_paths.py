@@ -520,6 +520,8 @@ SMALL_CONFIGS = [
     # eps of 0.0 divides by zero where v is 0.0: Python raises there, numba gives inf or NaN.
     AdamConfig(lr=0.1, eps=0.0, nonfinite="propagate"),
     AdamConfig(lr=0.3, beta1=0.0, beta2=0.0, weight_decay=0.5),
+    # L2 is on, though the decay rounds to 0.0 in float32: an infinite p makes g NaN there.
+    AdamConfig(lr=0.01, weight_decay=5e-324),
 ]
 
 
@@ -546,7 +548,7 @@ def _slot_entry(m, v, t):
     return {"m": m, "v": v, "t": t, "skipped": 0, "consecutive_skips": 0}
 
 
-def _small_case(rng, shape, values):
+def _small_case(rng, shape, values, dtype=np.float64):
     p, g, m, v = (np.array(rng.standard_normal(shape)) for _ in range(4))
     v = np.abs(v, out=v)
     if values == "special":  # parameters and moments of every kind, gradients finite
@@ -555,22 +557,26 @@ def _small_case(rng, shape, values):
         m.reshape(-1)[:] = np.resize(SPECIAL[::-1], n)
         v.reshape(-1)[:] = np.resize([0.0, -0.0, 1e-310, 1e300, 2.0], n)
         g.reshape(-1)[::3] = 0.0
-    return p, g, m, v
+    with np.errstate(over="ignore"):  # 1e300 is infinite in float32
+        return tuple(a.astype(dtype) for a in (p, g, m, v))
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (2, 2), (4, 4), (3, 5)])
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=range(len(SMALL_CONFIGS)))
 @pytest.mark.parametrize("values", ["random", "special"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_a_small_array_steps_with_the_bits_of_the_reference_kernel(
-    small_backend, shape, config, values
+    small_backend, shape, config, values, dtype
 ):
+    # float64 takes the small step on both backends; float32 with numba's loops only.
     rng = np.random.default_rng(11)
-    p, g, m, v = _small_case(rng, shape, values)
+    p, g, m, v = _small_case(rng, shape, values, dtype)
     if values == "special":  # L2 of an infinite parameter makes the gradient infinite
         config = attrs.evolve(config, nonfinite="propagate")
     state = AdamState(m=m, v=v, t=4)
+    taken = dtype == np.float64 or kernels.backend() == "numba"
     with np.errstate(all="ignore"):
-        expected = _fresh(p.size, False)
+        expected = Outputs(*(np.empty(p.size, dtype) for _ in range(3)), None)
         reference.adam_leaf(
             Inputs(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), None),
             kernels.coefficients(config, 5),
@@ -584,9 +590,9 @@ def test_a_small_array_steps_with_the_bits_of_the_reference_kernel(
         opt.load_state_dict(loaded, W)  # bound to W: its next step is a small one
         opt.step(W, g)
     if values == "random":
-        assert small_backend == [True, True]  # the pure update's, then the wrapper's
-    elif config.weight_decay == 0.0 and config.eps > 0.0:  # no infinity, no division by zero
-        assert any(small_backend)
+        assert small_backend == [taken, taken]  # the pure update's, then the wrapper's
+    elif dtype == np.float64 and config.weight_decay == 0.0 and config.eps > 0.0:
+        assert any(small_backend)  # no infinity (1e300 is one in float32), no 0 / 0
     for got_p, got_m, got_v in [
         (new_p, new_state.m, new_state.v),
         (W, opt.m[id(W)], opt.v[id(W)]),
@@ -607,14 +613,18 @@ def _stepped_once(config, p):
     return opt
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -1e200])
-def test_a_small_step_with_a_bad_gradient_changes_nothing_and_says_so(small_backend, bad):
+@pytest.mark.parametrize(
+    ("dtype", "bad"),
+    [(np.float64, np.nan), (np.float64, np.inf), (np.float64, -1e200), (np.float32, 1e20)],
+)
+def test_a_small_step_with_a_bad_gradient_changes_nothing_and_says_so(small_backend, dtype, bad):
+    # 1e20 is finite in float32, its square is not.
     config = AdamConfig(lr=0.01, weight_decay=0.01)
-    p = np.array([[1.0, 2.0], [3.0, 4.0]])
+    p = np.array([[1.0, 2.0], [3.0, 4.0]], dtype)
     opt = _stepped_once(config, p)
     state = adam_init(p, config)
     before = p.copy(), opt.m[id(p)].copy(), opt.v[id(p)].copy()
-    g = np.array([[0.1, 0.2], [bad, 0.4]])
+    g = np.array([[0.1, 0.2], [bad, 0.4]], dtype)
     for step in (lambda: opt.step(p, g), lambda: adam_update(p, g, state, config)):
         with pytest.raises(
             FloatingPointError, match=r"^grads: expected finite gradients.*\(1, 0\)"
@@ -680,3 +690,19 @@ def test_moments_restored_from_transposed_views_are_written_in_place(small_backe
     for got, expected in zip(*results):
         _same_bits(got, expected)
     assert not np.array_equal(results[0][1], m.T)  # the moments moved
+
+
+def test_a_decay_that_rounds_to_zero_in_float32_still_applies_l2(small_backend):
+    # weight_decay = 5e-324 is L2 on, and 0.0 in float32: an infinite parameter times it is NaN
+    # there, in the gradient and so in the moments, as the general path computes it.
+    config = AdamConfig(lr=0.01, weight_decay=5e-324, nonfinite="propagate")
+    p = np.array([1.0, np.inf, -2.0, 0.5], np.float32)
+    g = np.full(4, 0.25, np.float32)
+    state = adam_init(p, config)
+    new_p, new_state = adam_update(p, g, state, config)
+    (tree_p,), tree_state = adam_update([p], [g], adam_init([p], config), config)
+    for got, expected in zip(
+        (new_p, new_state.m, new_state.v), (tree_p, *tree_state.m, *tree_state.v)
+    ):
+        _same_bits(got, expected)
+    assert np.isnan(new_state.m[1]) and not np.isnan(new_state.m[0])

@@ -335,12 +335,13 @@ SmallScalars = tuple[float, ...]
 
 
 def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
-    """One step of float64 arrays of one shape and at most `numpy.SCALAR_SIZE` elements, with
-    no option but L2 weight decay (`numpy.is_plain`), by the active backend, checked as it goes:
-    it writes the C-contiguous outputs (which may be the inputs themselves) and returns True
-    when every new ``v`` is finite, else writes nothing and returns False. The results are
-    `adam_leaf`'s, bit for bit. ``g`` may share memory with ``p``: every input is read before
-    anything is written.
+    """One step of float64 or float32 arrays of one shape and dtype and at most
+    `numpy.SCALAR_SIZE` elements, with no option but L2 weight decay (`numpy.is_plain`), by the
+    active backend, checked as it goes: it writes the C-contiguous outputs (which may be the
+    inputs themselves) and returns True when every new ``v`` is finite, else writes nothing and
+    returns False (also for a dtype the backend does not take here: the reference takes
+    float64 only). The results are `adam_leaf`'s, bit for bit. ``g`` may share memory with
+    ``p``: every input is read before anything is written.
     """
     backend = _active if _active is not None else _resolve()
     return backend.small_step(arrays, scalars)

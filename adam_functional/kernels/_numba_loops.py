@@ -7,6 +7,8 @@ the reference kernel's ``_block`` (and of ``docs/algorithm.md``) rather than cal
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -129,34 +131,37 @@ def parallel_in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped
         in_place(p[a:b], g[a:b], m[a:b], v[a:b], vm, coef, flags)
 
 
-# `small`'s arrays: float64, 1-D, C-contiguous, aligned or not; the inputs read-only, which
-# writeable arrays are taken as too, so that every call runs one signature, compiled once.
-_INPUT = numba.types.Array(numba.types.float64, 1, "C", readonly=True, aligned=False)
-_OUTPUT = numba.types.Array(numba.types.float64, 1, "C", aligned=False)
-_F64 = numba.types.float64
+def _small_signature(dtype: Any) -> Any:
+    # `small`'s arrays, 1-D and C-contiguous, aligned or not: four inputs, read-only (writeable
+    # arrays are taken as such too), three outputs; then the eleven scalars of `_element`, of
+    # the arrays' dtype (Python floats are rounded to it as NumPy rounds them).
+    inputs = numba.types.Array(dtype, 1, "C", readonly=True, aligned=False)
+    outputs = numba.types.Array(dtype, 1, "C", aligned=False)
+    return numba.types.boolean(*[inputs] * 4, *[outputs] * 3, *[dtype] * 11, numba.types.boolean)
 
 
 @numba.njit(
-    numba.types.boolean(*[_INPUT] * 4, *[_OUTPUT] * 3, *[_F64] * 7),
+    [_small_signature(numba.types.float64), _small_signature(numba.types.float32)],
     cache=True,
     nogil=True,
     error_model="numpy",
 )
-def small(p, g, m, v, out_p, out_m, out_v, beta1, omb1, beta2, omb2, l2, step_m, eps):  # type: ignore[no-untyped-def]
+def small(p, g, m, v, out_p, out_m, out_v, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, l2):  # type: ignore[no-untyped-def]
     # `kernels.small_step`: a few elements with no option but L2, whose scalars come as
-    # arguments (an array of them would cost more to make than the step). The outputs may be
-    # the inputs, and g may share memory with p: g is copied, and each element is read before
-    # it is written. Nothing is written unless every new v is finite.
-    c = (beta1, omb1, beta2, omb2, eps, l2, 1.0, 1.0, step_m, 0.0, 0.0)
-    f = (l2 != 0.0, False, False)
+    # arguments (an array of them would cost more to make than the step), one signature per
+    # dtype, compiled once. The outputs may be the inputs, and g may share memory with p: g is
+    # copied, and each element is read before it is written. Nothing is written unless every
+    # new v is finite.
+    coef = (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10)
+    f = (l2, False, False)
     gs = g.copy()
     n = p.shape[0]
     for i in range(n):
-        vi = _element(p[i], gs[i], m[i], v[i], p[i], c, f)[2]
+        vi = _element(p[i], gs[i], m[i], v[i], p[i], coef, f)[2]
         if not np.isfinite(vi):
             return False
     for i in range(n):
-        pi, mi, vi, _ = _element(p[i], gs[i], m[i], v[i], p[i], c, f)
+        pi, mi, vi, _ = _element(p[i], gs[i], m[i], v[i], p[i], coef, f)
         out_p[i] = pi
         out_m[i] = mi
         out_v[i] = vi

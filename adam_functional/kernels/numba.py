@@ -120,12 +120,14 @@ def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
 
 
 def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
-    """`kernels.small_step`, compiled once the loops are loaded (the reference's until then):
-    its arrays' ``ravel`` are views, but for inputs of another layout, which it copies."""
+    """`kernels.small_step`, compiled once the loops are loaded, for float32 too (the
+    reference's until then): its arrays' ``ravel`` are views, but for inputs of another layout,
+    which it copies."""
     loops = _loops
     if loops is None:
         return reference.small_step(arrays, scalars)
     p, g, m, v, out_p, out_m, out_v = arrays
+    beta1, one_minus_beta1, beta2, one_minus_beta2, l2, step_m, eps = scalars
     flat_p, flat_m, flat_v = p.ravel(), m.ravel(), v.ravel()
     return bool(
         loops.small(
@@ -136,7 +138,19 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
             flat_p if out_p is p else out_p.ravel(),
             flat_m if out_m is m else out_m.ravel(),
             flat_v if out_v is v else out_v.ravel(),
-            *scalars,
+            # `_element`'s scalars: no decoupled decay, no maximize, no Nesterov, no eps_root.
+            beta1,
+            one_minus_beta1,
+            beta2,
+            one_minus_beta2,
+            eps,
+            l2,
+            1.0,
+            1.0,
+            step_m,
+            0.0,
+            0.0,
+            l2 != 0.0,
         )
     )
 

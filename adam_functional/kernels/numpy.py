@@ -335,8 +335,10 @@ def plain_params(
 
 def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
     """`kernels.small_step` in Python floats: `plain_moments`, the check that every new ``v``
-    is finite, then `plain_params`."""
+    is finite, then `plain_params`. Python floats are float64: False for float32 arrays."""
     p, g, m, v, out_p, out_m, out_v = arrays
+    if p.dtype != _FLOAT64:
+        return False
     step_m, eps = scalars[5:]
     flat_p, flat_m, flat_v = p.ravel(), m.ravel(), v.ravel()  # views, but for p of another layout
     ps = flat_p.tolist()
