@@ -561,7 +561,7 @@ def _small_case(rng, shape, values, dtype=np.float64):
         return tuple(a.astype(dtype) for a in (p, g, m, v))
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (2, 2), (4, 4), (3, 5)])
+@pytest.mark.parametrize("shape", [(), (2, 2), (3, 5)])
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=range(len(SMALL_CONFIGS)))
 @pytest.mark.parametrize("values", ["random", "special"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
