@@ -706,3 +706,18 @@ def test_a_decay_that_rounds_to_zero_in_float32_still_applies_l2(small_backend):
     ):
         _same_bits(got, expected)
     assert np.isnan(new_state.m[1]) and not np.isnan(new_state.m[0])
+
+
+def test_a_small_step_that_numba_cannot_compile_is_taken_in_python_floats(monkeypatch):
+    numba_kernels = pytest.importorskip("adam_functional.kernels.numba")
+    with kernels.use_backend("numba"):
+        monkeypatch.setattr(numba_kernels, "_small", None)
+        monkeypatch.setattr(numba_kernels, "_small_failed", False)
+        monkeypatch.setitem(sys.modules, "adam_functional.kernels._numba_small", None)
+        p, g = np.array([1.0, -2.0, 3.0]), np.array([0.5, 0.25, -1.0])
+        with pytest.warns(RuntimeWarning, match=r"numba cannot compile the step of a few elem"):
+            new_p, _ = adam_update(p, g, adam_init(p), AdamConfig(lr=0.1))
+        (expected,), _ = adam_update([p], [g], adam_init([p]), AdamConfig(lr=0.1))
+        _same_bits(new_p, expected)
+        assert numba_kernels._small_failed
+        adam_update(p, g, adam_init(p), AdamConfig(lr=0.1))  # warned once: no warning now

@@ -7,12 +7,10 @@ the reference kernel's ``_block`` (and of ``docs/algorithm.md``) rather than cal
 
 from __future__ import annotations
 
-from typing import Any
-
 import numba
 import numpy as np
 
-__all__ = ["in_place", "parallel", "parallel_in_place", "serial", "small", "squares_fit"]
+__all__ = ["in_place", "parallel", "parallel_in_place", "serial", "squares_fit"]
 
 # Elements a thread takes at a time in the parallel loops.
 _CHUNK = 1 << 14
@@ -129,43 +127,6 @@ def parallel_in_place(p, g, m, v, vmax, coef, flags):  # type: ignore[no-untyped
         b = min(n, a + _CHUNK)
         vm = vmax[a:b] if amsgrad else vmax
         in_place(p[a:b], g[a:b], m[a:b], v[a:b], vm, coef, flags)
-
-
-def _small_signature(dtype: Any) -> Any:
-    # `small`'s arrays, 1-D and C-contiguous, aligned or not: four inputs, read-only (writeable
-    # arrays are taken as such too), three outputs; then the eleven scalars of `_element`, of
-    # the arrays' dtype (Python floats are rounded to it as NumPy rounds them).
-    inputs = numba.types.Array(dtype, 1, "C", readonly=True, aligned=False)
-    outputs = numba.types.Array(dtype, 1, "C", aligned=False)
-    return numba.types.boolean(*[inputs] * 4, *[outputs] * 3, *[dtype] * 11, numba.types.boolean)
-
-
-@numba.njit(
-    [_small_signature(numba.types.float64), _small_signature(numba.types.float32)],
-    cache=True,
-    nogil=True,
-    error_model="numpy",
-)
-def small(p, g, m, v, out_p, out_m, out_v, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, l2):  # type: ignore[no-untyped-def]
-    # `kernels.small_step`: a few elements with no option but L2, whose scalars come as
-    # arguments (an array of them would cost more to make than the step), one signature per
-    # dtype, compiled once. The outputs may be the inputs, and g may share memory with p: g is
-    # copied, and each element is read before it is written. Nothing is written unless every
-    # new v is finite.
-    coef = (c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10)
-    f = (l2, False, False)
-    gs = g.copy()
-    n = p.shape[0]
-    for i in range(n):
-        vi = _element(p[i], gs[i], m[i], v[i], p[i], coef, f)[2]
-        if not np.isfinite(vi):
-            return False
-    for i in range(n):
-        pi, mi, vi, _ = _element(p[i], gs[i], m[i], v[i], p[i], coef, f)
-        out_p[i] = pi
-        out_m[i] = mi
-        out_v[i] = vi
-    return True
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")

@@ -8,7 +8,8 @@ same. float32 and float64 run here (`supports`); the registry gives other dtypes
 longdouble, or gradients of another dtype than the parameters) to the reference kernel, and so
 does this module to arrays of a few float64 elements (the reference's Python-float loop, quicker
 there than the arguments of a compiled call), but for the one-array step of `small_step`: a
-loop of its own that takes its scalars as arguments, at about a microsecond a call.
+loop of its own (``kernels._numba_small``, loaded at the first such step once the loops are)
+that takes its scalars as arguments, at about a microsecond a call.
 
 The loops live in ``kernels._numba_loops``, which this module imports, and numba with it, at the
 first step of at least `COMPILED_MIN` elements (`load`): a process whose steps are all smaller
@@ -85,18 +86,20 @@ def load() -> bool:
         return True
     with _load_lock:
         if _loops is None and not _failed:
-            try:
-                from adam_functional.kernels import _numba_loops
-            except Exception as error:  # A broken install may raise anything as it imports.
-                _failed = True
-                warnings.warn(
-                    f"numba cannot be imported ({error}); the NumPy kernels take the steps",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            else:
-                _loops = _numba_loops
+            _loops = _imported("_numba_loops", "numba cannot be imported", "the NumPy kernels")
+            _failed = _loops is None
     return _loops is not None
+
+
+def _imported(name: str, problem: str, instead: str) -> ModuleType | None:
+    """Imports module ``name`` of this package's kernels (under `_load_lock`); None, and a
+    warning that names the ``problem`` and what takes the steps ``instead``, when it fails."""
+    try:
+        return importlib.import_module(f"adam_functional.kernels.{name}")
+    except Exception as error:  # A broken install may raise anything as it imports or compiles.
+        message = f"{problem} ({error}); {instead} take the steps"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return None
 
 
 # Empty stand-ins for v_max without AMSGrad: writable for the outputs, read-only for the inputs,
@@ -123,14 +126,14 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
     """`kernels.small_step`, compiled once the loops are loaded, for float32 too (the
     reference's until then): its arrays' ``ravel`` are views, but for inputs of another layout,
     which it copies."""
-    loops = _loops
-    if loops is None:
+    compiled = _small if _small is not None else _load_small()
+    if compiled is None:
         return reference.small_step(arrays, scalars)
     p, g, m, v, out_p, out_m, out_v = arrays
     beta1, one_minus_beta1, beta2, one_minus_beta2, l2, step_m, eps = scalars
     flat_p, flat_m, flat_v = p.ravel(), m.ravel(), v.ravel()
     return bool(
-        loops.small(
+        compiled.small(
             flat_p,
             g.ravel(),
             flat_m,
@@ -153,6 +156,25 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
             l2 != 0.0,
         )
     )
+
+
+# The module of the compiled small step, once `_load_small` has imported it.
+_small: ModuleType | None = None
+_small_failed = False
+
+
+def _load_small() -> ModuleType | None:
+    """Imports the compiled small step (compiling it, or loading it from numba's cache) once the
+    loops are loaded; None until then, or when it fails (then the reference's step serves)."""
+    global _small, _small_failed
+    if _loops is None or _small_failed:
+        return None
+    with _load_lock:
+        if _small is None and not _small_failed:
+            problem = "numba cannot compile the step of a few elements"
+            _small = _imported("_numba_small", problem, "Python floats")
+            _small_failed = _small is None
+    return _small
 
 
 def squares_fit(g: np.ndarray, limit: float) -> bool | None:
