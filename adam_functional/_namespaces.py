@@ -93,13 +93,19 @@ def refuse_unsupported(x: Any, where: str) -> None:
     """Refuses an array of another library that holds no dense values of a known shape and a
     numeric dtype, which the array API computes on: a torch tensor that is sparse, MKL-DNN,
     nested, or on the meta device (no values at all); a dask array of unknown chunk sizes; a
-    JAX array of PRNG keys.
+    JAX array of PRNG keys; a torch or JAX array of float8 or float4, which these libraries
+    neither compute nor promote with.
 
     Raises:
       TypeError: ``x`` is such a tensor, or an array of keys.
       ValueError: ``x``'s shape is not known.
     """
     lib = library(x)
+    if lib in ("torch", "jax") and _byte_float(x.dtype, lib):
+        raise TypeError(
+            f"{where}: expected a floating-point dtype of 16 bits or more, got {x.dtype}, which "
+            "has no arithmetic of its own; cast it first (to float32, say)"
+        )
     if lib == "torch":
         import torch  # Imported already: x is one of its tensors.
 
@@ -128,6 +134,16 @@ def refuse_unsupported(x: Any, where: str) -> None:
                 f"{where}: expected an array of numbers, got an array of PRNG keys "
                 f"(dtype {x.dtype})"
             )
+
+
+def _byte_float(dtype: Any, lib: str) -> bool:
+    """Whether ``dtype`` of ``lib`` (torch or JAX) is a floating-point type of one byte or less:
+    float8 and float4, which the libraries store but do not compute or promote with."""
+    if lib == "torch":
+        return bool(dtype.is_floating_point) and dtype.itemsize == 1
+    import jax  # Imported already: the array is one of its arrays.
+
+    return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating)) and dtype.itemsize == 1
 
 
 def to_numpy(x: Any) -> np.ndarray:

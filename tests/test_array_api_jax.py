@@ -322,14 +322,21 @@ def test_the_state_is_a_pytree_whatever_the_order_of_imports(jax: Any) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_arrays_of_prng_keys_are_refused_by_name(jax: Any, lib: Any) -> None:
-    keys = jax.random.split(jax.random.key(0), 3)
+@pytest.mark.parametrize("kind", ["key", "float8_e4m3fn", "float4_e2m1fn"])
+def test_arrays_without_numbers_to_compute_with_are_refused_by_name(
+    jax: Any, lib: Any, kind: str
+) -> None:
+    if kind == "key":
+        odd = jax.random.split(jax.random.key(0), 3)
+        message = r"expected an array of numbers, got an array of PRNG keys \(dtype key<fry>\)"
+    else:  # stored, but neither computed nor promoted with
+        odd = jax.numpy.ones(3, getattr(jax.numpy, kind))
+        message = rf"expected a floating-point dtype of 16 bits or more, got {kind}"
     p = jax.numpy.ones(3)
-    message = r"expected an array of numbers, got an array of PRNG keys \(dtype key<fry>\)"
     for where, call in [
-        ("params", lambda: adam_init(keys)),
-        ("grads", lambda: adam_update(p, keys, adam_init(p), AdamConfig())),
-        (r"AdamState\.m", lambda: af.AdamState(m=keys, v=keys, t=0)),
+        ("params", lambda: adam_init(odd)),
+        ("grads", lambda: adam_update(p, odd, adam_init(p), AdamConfig())),
+        (r"AdamState\.m", lambda: af.AdamState(m=odd, v=odd, t=0)),
     ]:
         with pytest.raises(TypeError, match=rf"^{where}: {message}"):
             call()

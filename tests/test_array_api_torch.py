@@ -406,3 +406,20 @@ def test_tensors_without_dense_values_are_refused_by_name(
         with pytest.raises(TypeError, match=pattern):
             call()
     assert torch.equal(p, torch.ones(2, 3, dtype=torch.float64)) and not opt.m
+
+
+@pytest.mark.parametrize("name", ["float8_e4m3fn", "float8_e5m2"])
+def test_float8_tensors_are_refused_by_name(torch: Any, name: str) -> None:
+    dtype = getattr(torch, name)
+    p, odd = torch.ones(3, dtype=torch.float32), torch.ones(3).to(dtype)
+    message = rf"expected a floating-point dtype of 16 bits or more, got torch\.{name}"
+    opt = af.Adam()
+    for where, call in [
+        ("params", lambda: adam_init(odd)),
+        ("params", lambda: opt.step(odd, odd)),
+        ("grads", lambda: adam_update(p, odd, adam_init(p), AdamConfig())),
+        (r"AdamState\.m", lambda: af.AdamState(m=odd, v=odd, t=0)),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{where}: {message}"):
+            call()
+    assert not opt.m

@@ -86,20 +86,25 @@ def load() -> bool:
         return True
     with _load_lock:
         if _loops is None and not _failed:
-            _loops = _imported("_numba_loops", "numba cannot be imported", "the NumPy kernels")
+            _loops, error = _imported("_numba_loops")
+            # Remembered before the warning, which may be raised (warnings as errors).
             _failed = _loops is None
+            if _failed:
+                _warn(f"numba cannot be imported ({error}); the NumPy kernels take the steps")
     return _loops is not None
 
 
-def _imported(name: str, problem: str, instead: str) -> ModuleType | None:
-    """Imports module ``name`` of this package's kernels (under `_load_lock`); None, and a
-    warning that names the ``problem`` and what takes the steps ``instead``, when it fails."""
+def _imported(name: str) -> tuple[ModuleType | None, Exception | None]:
+    """Module ``name`` of this package's kernels, imported (under `_load_lock`), or what its
+    import raised."""
     try:
-        return importlib.import_module(f"adam_functional.kernels.{name}")
+        return importlib.import_module(f"adam_functional.kernels.{name}"), None
     except Exception as error:  # A broken install may raise anything as it imports or compiles.
-        message = f"{problem} ({error}); {instead} take the steps"
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        return None
+        return None, error
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 # Empty stand-ins for v_max without AMSGrad: writable for the outputs, read-only for the inputs,
@@ -171,9 +176,13 @@ def _load_small() -> ModuleType | None:
         return None
     with _load_lock:
         if _small is None and not _small_failed:
-            problem = "numba cannot compile the step of a few elements"
-            _small = _imported("_numba_small", problem, "Python floats")
+            _small, error = _imported("_numba_small")
             _small_failed = _small is None
+            if _small_failed:
+                _warn(
+                    f"numba cannot compile the step of a few elements ({error}); the general "
+                    "kernels take those steps"
+                )
     return _small
 
 
