@@ -56,12 +56,22 @@ def is_array(x: Any) -> bool:
 
 
 def is_traced(x: Any) -> bool:
-    """Whether ``x`` is a JAX tracer, whose values are not known while a function is traced."""
-    return library(x) == "jax" and "Tracer" in type(x).__name__
+    """Whether ``x`` is a JAX tracer, whose values are not known while a function is traced, or
+    a tensor batched by ``torch.func.vmap``, whose values no Python branch may depend on."""
+    lib = library(x)
+    if lib == "jax":
+        return "Tracer" in type(x).__name__
+    if lib == "torch":
+        import torch  # Imported already: x is one of its tensors.
+
+        batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+        return batched is not None and bool(batched(x))
+    return False
 
 
 def is_lazy(x: Any) -> bool:
-    """Whether ``x``'s values are unknown until later: a JAX tracer or a dask array."""
+    """Whether ``x``'s values are unknown until later, or cannot be branched on: a JAX tracer,
+    a tensor batched by ``torch.func.vmap``, or a dask array."""
     return is_traced(x) or library(x) == "dask"
 
 

@@ -1091,7 +1091,7 @@ def _prepare_array_api(
         if policy == "raise" and (is_traced(p) or is_traced(g)):
             raise TypeError(
                 f"{paths[index]}: nonfinite='raise' cannot raise inside a traced function "
-                "(jax.jit, vmap, scan), where the values are not known; use "
+                "(jax.jit, vmap, scan, torch.func.vmap), where the values are not known; use "
                 "AdamConfig(nonfinite='skip'), which selects with where, or 'propagate'"
             )
         fine = _finite_step(xp, p, g, config)
@@ -1099,7 +1099,7 @@ def _prepare_array_api(
             if config.max_consecutive_skips is not None:
                 raise TypeError(
                     f"{paths[index]}: max_consecutive_skips cannot be enforced on lazy arrays "
-                    "(under jax.jit, or dask); leave it None there"
+                    "(under jax.jit or torch.func.vmap, or dask); leave it None there"
                 )
             taken = fine if taken is None else xp.logical_and(taken, fine)
             continue

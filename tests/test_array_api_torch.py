@@ -423,3 +423,26 @@ def test_float8_tensors_are_refused_by_name(torch: Any, name: str) -> None:
         with pytest.raises(TypeError, match=rf"^{where}: {message}"):
             call()
     assert not opt.m
+
+
+def test_torch_func_vmap_over_the_update_selects_rows_with_skip(torch: Any) -> None:
+    # Under vmap no Python branch may depend on a value: "raise" is refused by name, as under
+    # jax.jit, and "skip" selects row by row with where.
+    p = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(4, 3)
+    g = torch.full((4, 3), 0.5, dtype=torch.float64)
+    g[2, 1] = float("nan")
+
+    def step(config: AdamConfig) -> Any:
+        def one(pi: Any, gi: Any) -> Any:
+            new_p, state = adam_update(pi, gi, adam_init(pi, config), config)
+            return new_p, state.m
+
+        return torch.func.vmap(one)(p, g)
+
+    with pytest.raises(TypeError, match=r"^params: nonfinite='raise' cannot raise inside a trac"):
+        step(AdamConfig(lr=0.1))
+    new_p, m = step(AdamConfig(lr=0.1, nonfinite="skip"))
+    for row in (0, 1, 3):
+        expected, state = adam_update(p[row], g[row], adam_init(p[row]), AdamConfig(lr=0.1))
+        assert torch.equal(new_p[row], expected) and torch.equal(m[row], state.m)
+    assert torch.equal(new_p[2], p[2]) and not torch.any(m[2])
