@@ -124,7 +124,7 @@ def test_max_consecutive_skips_is_a_type_error_on_dask(lib: Any) -> None:
     with pytest.raises(
         TypeError,
         match=r"^params: max_consecutive_skips cannot be enforced on lazy arrays \(under "
-        r"jax.jit, or dask\); leave it None there$",
+        r"jax.jit or torch.func.vmap, or dask\); leave it None there$",
     ):
         adam_update(p, p, adam_init(p, config), config)
 

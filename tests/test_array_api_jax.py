@@ -219,7 +219,7 @@ def test_nonfinite_raise_under_jit_is_a_type_error_at_trace_time(jax: Any) -> No
     with pytest.raises(
         TypeError,
         match=r"^params\['w'\]: nonfinite='raise' cannot raise inside a traced function "
-        r"\(jax.jit, vmap, scan\), where the values are not known; use "
+        r"\(jax.jit, vmap, scan, torch.func.vmap\), where the values are not known; use "
         r"AdamConfig\(nonfinite='skip'\), which selects with where, or 'propagate'",
     ):
         update.trace(params, params, adam_init(params, config))  # tracing only, nothing runs
@@ -234,7 +234,7 @@ def test_max_consecutive_skips_under_jit_is_a_type_error(jax: Any) -> None:
     with pytest.raises(
         TypeError,
         match=r"^params: max_consecutive_skips cannot be enforced on lazy arrays \(under "
-        r"jax.jit, or dask\); leave it None there",
+        r"jax.jit or torch.func.vmap, or dask\); leave it None there",
     ):
         update(params, params, adam_init(params, config))
 
