@@ -244,7 +244,7 @@ class _Backend(NamedTuple):
     load: Callable[[], bool] | None
     #: Whether that loading failed.
     failed: Callable[[], bool] | None
-    #: The checked step of a few float64 elements (see `small_step`).
+    #: The checked step of a few elements (see `small_step`).
     small_step: Callable[..., bool]
 
 

@@ -67,7 +67,8 @@ COMPILED_MIN = 1 << 16
 _parallel_lock = threading.Lock()
 _load_lock = threading.Lock()
 _loops: ModuleType | None = None
-_failed = False
+# The modules of this package's kernels whose import failed: never tried again.
+_failed: set[str] = set()
 
 if importlib.util.find_spec("numba") is None:
     raise ModuleNotFoundError("No module named 'numba'", name="numba")
@@ -75,36 +76,34 @@ if importlib.util.find_spec("numba") is None:
 
 def failed() -> bool:
     """Whether numba failed to import at `load` (the reference kernel then takes the steps)."""
-    return _failed
+    return "_numba_loops" in _failed
 
 
 def load() -> bool:
     """Imports numba and the compiled loops, once; whether they are there. A numba that fails to
     import is reported once, as a warning, and the reference kernel takes the steps."""
-    global _loops, _failed
-    if _loops is not None:
-        return True
-    with _load_lock:
-        if _loops is None and not _failed:
-            _loops, error = _imported("_numba_loops")
-            # Remembered before the warning, which may be raised (warnings as errors).
-            _failed = _loops is None
-            if _failed:
-                _warn(f"numba cannot be imported ({error}); the NumPy kernels take the steps")
+    global _loops
+    if _loops is None:
+        with _load_lock:
+            if _loops is None:
+                _loops = _imported(
+                    "_numba_loops", "numba cannot be imported", "the NumPy kernels take the steps"
+                )
     return _loops is not None
 
 
-def _imported(name: str) -> tuple[ModuleType | None, Exception | None]:
-    """Module ``name`` of this package's kernels, imported (under `_load_lock`), or what its
-    import raised."""
+def _imported(name: str, problem: str, instead: str) -> ModuleType | None:
+    """Module ``name`` of this package's kernels, imported once (under `_load_lock`); None when
+    its import fails, which is remembered (before the warning that says so, which may be
+    raised where warnings are errors) and not tried again."""
+    if name in _failed:
+        return None
     try:
-        return importlib.import_module(f"adam_functional.kernels.{name}"), None
+        return importlib.import_module(f"adam_functional.kernels.{name}")
     except Exception as error:  # A broken install may raise anything as it imports or compiles.
-        return None, error
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+        _failed.add(name)
+        warnings.warn(f"{problem} ({error}); {instead}", RuntimeWarning, stacklevel=4)
+        return None
 
 
 # Empty stand-ins for v_max without AMSGrad: writable for the outputs, read-only for the inputs,
@@ -165,23 +164,19 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
 
 # The module of the compiled small step, once `_load_small` has imported it.
 _small: ModuleType | None = None
-_small_failed = False
 
 
 def _load_small() -> ModuleType | None:
     """Imports the compiled small step (compiling it, or loading it from numba's cache) once the
     loops are loaded; None until then, or when it fails (then the reference's step serves)."""
-    global _small, _small_failed
-    if _loops is None or _small_failed:
-        return None
-    with _load_lock:
-        if _small is None and not _small_failed:
-            _small, error = _imported("_numba_small")
-            _small_failed = _small is None
-            if _small_failed:
-                _warn(
-                    f"numba cannot compile the step of a few elements ({error}); the general "
-                    "kernels take those steps"
+    global _small
+    if _loops is not None and _small is None:
+        with _load_lock:
+            if _small is None:
+                _small = _imported(
+                    "_numba_small",
+                    "numba cannot compile the step of a few elements",
+                    "the general kernels take those steps",
                 )
     return _small
 
