@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Any, Literal, TypeAlias
 
@@ -28,6 +29,9 @@ FORMAT_VERSION = 2
 Kind: TypeAlias = Literal["AdamState", "AdamConfig", "tree", "state_dict"]
 #: What a checkpoint file can hold, named by its header's ``"kind"``.
 KINDS: tuple[Kind, ...] = ("AdamState", "AdamConfig", "tree", "state_dict")
+
+#: The largest extent, and the most bytes, that an array may have: NumPy's index type holds no more.
+MAX_SIZE = int(np.iinfo(np.intp).max)
 
 # The most JSON a file may hold, and how much of it its size allows (see the module docstring).
 MAX_TREE_BYTES = 1 << 26
@@ -171,20 +175,33 @@ def dtype_of(text: Any) -> np.dtype:
     return dtype
 
 
-def shape_of(value: Any) -> tuple[int, ...]:
-    """The shape that ``value`` (a JSON list) spells, else a Refusal."""
+def shape_of(value: Any, dtype: np.dtype) -> tuple[int, ...]:
+    """The shape that ``value`` (a JSON list) spells for an array of ``dtype``, else a Refusal.
+
+    NumPy holds an array only if each extent, and the bytes of its non-zero extents together,
+    fit its index type: ``[2**63, 0]`` holds no byte, and NumPy still refuses it.
+    """
     if (
         not isinstance(value, list)
         or len(value) > 64
         or not all(type(n) is int and n >= 0 for n in value)
     ):
         raise Refusal(f"expected a shape, a list of at most 64 ints >= 0, got {short(value)}")
+    if max(value, default=0) > MAX_SIZE or _size(value) * dtype.itemsize > MAX_SIZE:
+        raise Refusal(
+            f"expected a shape NumPy can hold for dtype {dtype.str} (each extent, and the bytes "
+            f"of the non-zero extents together, at most {MAX_SIZE}), got {short(value)}"
+        )
     return tuple(value)
 
 
-def nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+def _size(shape: list[int]) -> int:
     # Exact for any shape: a product of int64 could wrap around.
-    return dtype.itemsize * int(np.prod(shape, dtype=object))
+    return math.prod(extent for extent in shape if extent)
+
+
+def nbytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return dtype.itemsize * math.prod(shape)
 
 
 # -------------------------------------------------------------------------------------------------

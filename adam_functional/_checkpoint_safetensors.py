@@ -2,9 +2,11 @@
 
 The file is a plain `safetensors <https://huggingface.co/docs/safetensors>`_ file, which any
 safetensors reader opens: an 8-byte header length, a JSON header naming each tensor with its
-dtype, shape and byte range, then the tensors' bytes. safetensors' own parser checks the header
-(its size, at most 100,000,000 bytes, and that the byte ranges lie within the file, in order,
-without gaps or overlaps, each the size its dtype and shape give) before any data is read.
+dtype, shape and byte range, then the tensors' bytes. The file is read whole with plain reads,
+never mapped, so that a file truncated while it is read is refused by name; safetensors' own
+parser then checks the header (its size, at most 100,000,000 bytes, and that the byte ranges lie
+within the file, in order, without gaps or overlaps, each the size its dtype and shape give)
+before any tensor is used, and every shape must be one NumPy can hold.
 
 - **Tensors**: each array or NumPy scalar of the tree, under its path in the tree, as `load`'s
   error messages print it: ``tree`` for a lone array, ``tree['params']['w']``, ``tree.m['w']``.
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import re
 from types import ModuleType
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -39,6 +41,14 @@ from adam_functional import _checkpoint_tree as codec
 
 # The dtypes every safetensors release since 0.4 reads into NumPy: stored as themselves.
 _NATIVE = {"|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"}
+# The same dtypes as safetensors names them in a file.
+_DTYPES = {
+    name: np.dtype(dtype)
+    for name, dtype in zip(
+        ["BOOL", "I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64", "F16", "F32", "F64"],
+        ["|b1", "|i1", "|u1", "<i2", "<u2", "<i4", "<u4", "<i8", "<u8", "<f2", "<f4", "<f8"],
+    )
+}
 _ENTRIES = {"format", "version", "kind", "written_by", "tree", "sha256"}
 # safetensors refuses to read a header larger than this.
 _MAX_HEADER = 100_000_000
@@ -88,7 +98,8 @@ class TensorSource:
         if "dtype" not in node:
             return tensor
         try:
-            dtype, shape = header.dtype_of(node["dtype"]), header.shape_of(node["shape"])
+            dtype = header.dtype_of(node["dtype"])
+            shape = header.shape_of(node["shape"], dtype)
         except header.Refusal as refusal:
             raise decoder.fail(refusal.detail) from None
         size = header.nbytes(dtype, shape)
@@ -179,21 +190,52 @@ def write(path: str, entries: dict[str, str], tensors: dict[str, np.ndarray]) ->
         file.write(len(text).to_bytes(8, "little") + text)
 
 
-def read(name: str) -> codec.Contents:
-    """Reads and checks the safetensors file ``name``."""
+def read(file: IO[bytes], size: int) -> codec.Contents:
+    """Reads and checks the safetensors file open as ``file``, of ``size`` bytes when opened.
+
+    The bytes are read, never mapped: a file that shrinks while it is read gives a short read,
+    refused as truncated, where a memory map would end the process with SIGBUS.
+    """
     safetensors = require()
-    with _parsed(safetensors.safe_open, name) as file:
-        entries = file.metadata()
-        if not entries:
-            raise header.Refusal(
-                "not an adam_functional checkpoint: a safetensors file without metadata",
-                in_header=False,
-            )
-        _check_entries(entries)  # Before reading any tensor of a file that is not ours.
-        names = file.keys()  # A list: the handle is no mapping.
-        tensors = {name: _tensor(file, name) for name in names}
+    file.seek(0)
+    data = file.read(size)
+    if len(data) != size:
+        raise header.Refusal(
+            f"truncated checkpoint: expected {size} bytes, the size of the file when it was "
+            f"opened, got {len(data)}; it changed while it was read",
+            in_header=False,
+        )
+    try:
+        # safetensors' own parser checks the layout first; bytes in memory cannot shrink.
+        flat = safetensors.deserialize(data)
+    except Exception as error:  # Any failure of the parser means a file it cannot read.
+        raise header.Refusal(
+            "not a readable checkpoint: safetensors cannot parse it, it is truncated or damaged "
+            f"({type(error).__name__}: {error})",
+            in_header=False,
+        ) from None
+    entries = _metadata(data)
+    del data
+    _check_entries(entries)  # Before looking at any tensor of a file that is not ours.
+    tensors = {}
+    while flat:  # Each tensor's entry freed as soon as its array is made.
+        name, spec = flat.pop()
+        tensors[name] = _tensor(name, spec)
     header.check_sha256(entries["sha256"], _checksum(entries, tensors))
     return contents(entries, tensors)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The metadata of a file that safetensors has parsed: its header is a valid one."""
+    length = int.from_bytes(data[:8], "little")
+    entries = json.loads(data[8 : 8 + length], object_pairs_hook=_keep_metadata)
+    entries = entries.get("__metadata__") if entries else None
+    if not entries:
+        raise header.Refusal(
+            "not an adam_functional checkpoint: a safetensors file without metadata",
+            in_header=False,
+        )
+    return entries  # type: ignore[no-any-return]
 
 
 def _check_entries(entries: dict[str, str]) -> header.Kind:
@@ -206,30 +248,29 @@ def _check_entries(entries: dict[str, str]) -> header.Kind:
     return kind
 
 
-def _parsed(safe_open: Any, name: str) -> Any:
-    try:
-        return safe_open(name, framework="np")
-    except Exception as error:  # Any failure of the parser means a file it cannot read.
-        raise header.Refusal(
-            "not a readable checkpoint: safetensors cannot parse it, it is truncated or damaged "
-            f"({type(error).__name__}: {error})",
-            in_header=False,
-        ) from None
+def _keep_metadata(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
+    """Keeps, of a header's objects, only the metadata (all strings) and the root's entry for it:
+    the tensors' entries, which safetensors has read already, would take more memory than
+    their data."""
+    if all(type(value) is str for _, value in pairs):
+        return dict(pairs)
+    metadata = [value for key, value in pairs if key == "__metadata__"]
+    return {"__metadata__": metadata[0]} if metadata else None
 
 
-def _tensor(file: Any, key: str) -> np.ndarray:
-    try:
-        tensor = file.get_tensor(key)
-    except Exception as error:  # Any failure of the parser means a file it cannot read.
+def _tensor(name: str, spec: dict[str, Any]) -> np.ndarray:
+    """The array of a tensor that safetensors has parsed: its bytes fit its dtype and shape."""
+    dtype = _DTYPES.get(spec["dtype"])
+    if dtype is None:
         raise header.Refusal(
-            f"damaged checkpoint: tensor {key!r} cannot be read ({type(error).__name__}: {error})",
-            in_header=False,
-        ) from None
-    if not isinstance(tensor, np.ndarray) or tensor.dtype.str not in _NATIVE:
-        raise header.Refusal(
-            f"tensor {key!r}: expected one of the dtypes a checkpoint stores (bool, int, uint, "
-            f"float16 to float64), got {getattr(tensor, 'dtype', type(tensor).__name__)}",
+            f"tensor {name!r}: expected one of the dtypes a checkpoint stores (bool, int, uint, "
+            f"float16 to float64), got {spec['dtype']}",
             in_header=False,
         )
+    try:
+        shape = header.shape_of(list(spec["shape"]), dtype)
+    except header.Refusal as refusal:
+        raise header.Refusal(f"tensor {name!r}: {refusal.detail}", in_header=False) from None
+    tensor = np.frombuffer(spec["data"], dtype).reshape(shape)
     # Fresh from the file, the array is ours: writeable, or copied to be.
-    return tensor if tensor.flags.writeable else tensor.copy()
+    return tensor if tensor.flags.writeable and tensor.flags.aligned else tensor.copy()

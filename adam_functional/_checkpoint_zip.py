@@ -139,7 +139,8 @@ def _specs(specs: Any) -> list[tuple[np.dtype, tuple[int, ...]]]:
         try:
             if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
                 raise header.Refusal("expected {'dtype': ..., 'shape': [...]}")
-            checked.append((header.dtype_of(spec["dtype"]), header.shape_of(spec["shape"])))
+            dtype = header.dtype_of(spec["dtype"])
+            checked.append((dtype, header.shape_of(spec["shape"], dtype)))
         except header.Refusal as refusal:
             raise header.Refusal(f"arrays[{index}]: {refusal.detail}") from None
     return checked

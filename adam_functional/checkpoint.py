@@ -244,10 +244,10 @@ def _read(name: str) -> Contents:
         start = file.read(9)
         if start.startswith(_checkpoint_zip.MAGIC):
             return _checkpoint_zip.read(file, size)
-    # safetensors: the header's length in 8 bytes, then the header, a JSON object.
-    if start[8:] != b"{":
-        raise Refusal(f"not an adam_functional checkpoint: {_identify(start)}", in_header=False)
-    return _checkpoint_safetensors.read(name)
+        # safetensors: the header's length in 8 bytes, then the header, a JSON object.
+        if start[8:] != b"{":
+            raise Refusal(f"not an adam_functional checkpoint: {_identify(start)}", in_header=False)
+        return _checkpoint_safetensors.read(file, size)
 
 
 def _identify(start: bytes) -> str:

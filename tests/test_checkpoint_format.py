@@ -13,6 +13,9 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +214,75 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path, content, message):
     path.write_bytes(content)
     with raises_naming(path, message):
         checkpoint.load(path)
+
+
+# Truncates the checkpoint once its header has been read (by the file handle load opens, or by
+# safetensors' reader), then loads it: a memory map of the file would end the process with SIGBUS.
+_TRUNCATED_WHILE_READ = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    import safetensors
+    from adam_functional import checkpoint
+
+    path = sys.argv[1]
+    checkpoint.save(path, {"w": np.arange(100_000.0)})
+    with open(path, "rb") as file:
+        keep = 8 + int.from_bytes(file.read(8), "little") + 5  # The header, and 5 bytes.
+
+    class Shrinking:
+        def __init__(self, file):
+            self.file, self.reads = file, 0
+
+        def read(self, *args):
+            self.reads += 1
+            if self.reads == 2:
+                os.truncate(path, keep)
+            return self.file.read(*args)
+
+        def metadata(self):
+            entries = self.file.metadata()
+            os.truncate(path, keep)
+            return entries
+
+        def __enter__(self):
+            self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    safe_open = safetensors.safe_open
+    safetensors.safe_open = lambda *a, **k: Shrinking(safe_open(*a, **k))
+    checkpoint.open = lambda *a, **k: Shrinking(open(*a, **k))
+    try:
+        checkpoint.load(path)
+    except ValueError as error:
+        print(error)
+    """
+)
+
+
+def test_a_file_truncated_while_it_is_read_is_a_value_error_naming_it(tmp_path):
+    path = tmp_path / "shrinking.ckpt"
+    package = str(Path(af.__file__).resolve().parents[1])
+    paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
+    child = subprocess.run(
+        [sys.executable, "-c", _TRUNCATED_WHILE_READ, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+    )
+    assert child.returncode == 0, f"the load ended the process: {child.returncode} {child.stderr}"
+    assert re.match(
+        rf"^{re.escape(str(path))}: truncated checkpoint: expected \d+ bytes, the size of the "
+        r"file when it was opened, got \d+; it changed while it was read$",
+        child.stdout,
+    ), child.stdout
 
 
 def test_another_safetensors_file_is_refused(tmp_path):
@@ -553,6 +625,40 @@ def test_a_tensor_of_a_dtype_checkpoints_never_store_natively_is_refused(tmp_pat
         path, r"(damaged checkpoint: tensor 'a' cannot be read|tensor 'a': expected)"
     ):
         checkpoint.load(path)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [[2**63, 0], [2**62, 2, 0], [2**31, 2**31, 0, 3]],
+    ids=["extent", "bytes", "product"],
+)
+def test_a_raw_node_of_a_shape_numpy_cannot_hold_is_refused_naming_the_file(tmp_path, shape):
+    # No byte to read, so the sizes agree and the checksum is valid: only NumPy would object.
+    node = {"type": "array", "tensor": "a", "dtype": "<c8", "shape": shape}
+    path = _tree_file(tmp_path, node, {"a": np.zeros(0, np.uint8)})
+    with raises_naming(
+        path,
+        r"header: tree: expected a shape NumPy can hold for dtype <c8 \(each extent, and the bytes "
+        rf"of the non-zero extents together, at most {2**63 - 1}\), got {re.escape(str(shape))}$",
+    ):
+        checkpoint.load(path)
+
+
+def test_a_tensor_of_a_shape_numpy_cannot_hold_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "huge.ckpt"
+    path.write_bytes(_header({"a": {"dtype": "F32", "shape": [2**63, 0], "data_offsets": [0, 0]}}))
+    with raises_naming(
+        path,
+        r"tensor 'a': expected a shape NumPy can hold for dtype <f4 \(each extent, and the bytes of "
+        rf"the non-zero extents together, at most {2**63 - 1}\), got \[{2**63}, 0\]$",
+    ):
+        checkpoint.load(path)
+
+
+def test_the_largest_shapes_numpy_holds_load(tmp_path):
+    node = {"type": "array", "tensor": "a", "dtype": "<c8", "shape": [2**60 - 1, 0]}
+    path = _tree_file(tmp_path, node, {"a": np.zeros(0, np.uint8)})
+    assert checkpoint.load(path).shape == (2**60 - 1, 0)
 
 
 def _header(entries, metadata=None):

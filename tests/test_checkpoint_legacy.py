@@ -271,6 +271,24 @@ def test_a_member_header_claiming_a_huge_array_allocates_nothing(tmp_path):
         checkpoint.load(path)
 
 
+def test_a_member_of_a_shape_numpy_cannot_hold_is_refused_naming_the_file(tmp_path):
+    # No byte to read, so the sizes agree and the checksum is valid: only NumPy would object.
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f8", "fortran_order": False, "shape": (2**63, 0)}
+    )
+    header = _header([], {"type": "array", "index": 0})
+    header["arrays"] = [{"dtype": "<f8", "shape": [2**63, 0]}]
+    header["sha256"] = _checksum(header, [])
+    path = _write_raw(tmp_path / "huge.ckpt", header, {"a0.npy": buffer.getvalue()}, checksum=False)
+    with raises_naming(
+        path,
+        r"header: arrays\[0\]: expected a shape NumPy can hold for dtype <f8 \(each extent, and "
+        rf"the bytes of the non-zero extents together, at most {2**63 - 1}\), got \[{2**63}, 0\]$",
+    ):
+        checkpoint.load(path)
+
+
 def test_a_plain_npz_is_refused(tmp_path):
     path = tmp_path / "plain.npz"
     np.savez(path, w=np.ones(3))
