@@ -15,7 +15,8 @@ it can be stored without pickle::
         "names": ["w", "b", ...],           # optional: one name per entry
     }
 
-Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``. `build` makes the
+Scalars may also come as 0-d arrays, as after a round trip through ``np.savez``. A schedule nests
+at most `MAX_DEPTH` levels of dicts and lists, and contains no dict or list twice. `build` makes the
 dict; `parse` checks one strictly (every key, kind, range and shape) and turns it back into
 records, so that nothing it returns can surprise a kernel.
 """
@@ -50,6 +51,9 @@ _CONFIG_FIELDS = tuple(field.name for field in attrs.fields(AdamConfig))
 _NEW_IN_2 = {"nesterov": False, "eps_root": 0.0, "moment_dtype": "params"}
 # moment_dtype is stored as a string; None (the default) as this word.
 _DEFAULT_MOMENTS = "default"
+#: The most levels of dicts and lists a learning-rate schedule nests (a `Join` inside a `Join`
+#: takes two), as in a checkpoint's tree: deeper, or cyclic, is refused before it is read.
+MAX_DEPTH = 100
 
 
 def build(
@@ -168,15 +172,29 @@ def _finite_float(value: Any, where: str) -> float:
         raise ValueError(f"{where}: expected a float, got an int too large for one") from None
 
 
-def _unwrap_scalars(value: Any) -> Any:
-    """Turns the 0-d arrays that ``np.savez`` gives back into Python scalars, recursively."""
-    if isinstance(value, Mapping):
-        return {key: _unwrap_scalars(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_unwrap_scalars(item) for item in value]
+def _unwrap_scalars(value: Any, where: str, parents: tuple[Any, ...] = ()) -> Any:
+    """Turns the 0-d arrays that ``np.savez`` gives back into Python scalars, recursively, in a
+    tree of at most `MAX_DEPTH` levels that does not contain itself."""
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value.item()
-    return value
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if any(value is parent for parent in parents):
+        raise ValueError(
+            f"{where}: expected a schedule as plain data, got a {type(value).__name__} that "
+            "contains itself"
+        )
+    if len(parents) >= MAX_DEPTH:
+        raise ValueError(
+            f"{where}: expected a schedule nested at most {MAX_DEPTH} levels deep (a Join "
+            "takes two), got a deeper one"
+        )
+    parents = (*parents, value)
+    if isinstance(value, Mapping):
+        return {
+            key: _unwrap_scalars(item, f"{where}[{key!r}]", parents) for key, item in value.items()
+        }
+    return [_unwrap_scalars(item, f"{where}[{index}]", parents) for index, item in enumerate(value)]
 
 
 def _parse_config(raw: Any, version: int) -> AdamConfig:
@@ -193,7 +211,7 @@ def _parse_config(raw: Any, version: int) -> AdamConfig:
         value = raw[name]
         at = f"{where}[{name!r}]"
         if name == "lr" and isinstance(value, Mapping):
-            value = schedules.from_dict(_unwrap_scalars(value))
+            value = schedules.from_dict(_unwrap_scalars(value, at))
         elif name in ("nonfinite", "moment_dtype"):
             value = _scalar(value, at, str)
             if name == "moment_dtype" and value == _DEFAULT_MOMENTS:
