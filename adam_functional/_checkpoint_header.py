@@ -21,6 +21,8 @@ from typing import Any, Literal, TypeAlias
 
 import numpy as np
 
+from adam_functional import _bfloat16
+
 #: The ``"format"`` entry of every file.
 FORMAT_NAME = "adam_functional.checkpoint"
 #: The format version this release writes; `load` reads every version up to it.
@@ -72,6 +74,12 @@ def canonical_json(value: Any) -> bytes:
 def c_order(array: np.ndarray) -> np.ndarray:
     # np.ascontiguousarray would turn a 0-d array into shape (1,).
     return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def dtype_label(dtype: np.dtype) -> str:
+    """A dtype as the checksum names it: as NumPy writes it (``"<f8"``), bfloat16 as
+    ``"bfloat16"`` (NumPy writes ml_dtypes' type as ``"<V2"``, as any two bytes)."""
+    return "bfloat16" if _bfloat16.is_bfloat16(dtype) else dtype.str
 
 
 def update_digest(digest: Any, label: Any, array: np.ndarray) -> None:
@@ -145,6 +153,8 @@ def check_sha256(stored: Any, digest: Any) -> None:
 
 def numeric_problem(dtype: np.dtype) -> str | None:
     """Why an array of ``dtype`` cannot be stored without pickle, or None when it can."""
+    if _bfloat16.is_bfloat16(dtype) and dtype.itemsize == 2:
+        return None  # ml_dtypes' bfloat16, stored as safetensors' BF16.
     if dtype.kind == "O":
         reason = "an object array, which would need pickle"
     elif dtype.fields is not None or dtype.subdtype is not None:

@@ -11,7 +11,7 @@ before any tensor is used, and every shape must be one NumPy can hold.
 - **Tensors**: each array or NumPy scalar of the tree, under its path in the tree, as `load`'s
   error messages print it: ``tree`` for a lone array, ``tree['params']['w']``, ``tree.m['w']``.
   An array of a dtype safetensors holds (bool, int8 to int64, uint8 to uint64, float16, float32,
-  float64, little-endian) is stored as itself, in C order. Any other (complex, long double,
+  float64, little-endian, and bfloat16: ml_dtypes' type in NumPy) is stored as itself, in C order. Any other (complex, long double,
   big-endian) is stored as its bytes in C order, a 1-d ``U8`` tensor, and its node says its
   ``"dtype"`` (as NumPy writes it, e.g. ``">f8"``) and ``"shape"``.
 - **Metadata** (``__metadata__``, all strings): ``"format"``: ``"adam_functional.checkpoint"``;
@@ -20,7 +20,8 @@ before any tensor is used, and every shape must be one NumPy can hold.
   nodes are ``{"type": "array", "tensor": "tree['w']"}`` (and ``"dtype"`` and ``"shape"`` for
   raw bytes); ``"sha256"``: the SHA-256, as hex, of the other metadata entries as JSON (sorted
   keys, no spaces, ASCII), then, for each tensor in the order of their names, its ``[name,
-  dtype, shape]`` as JSON (the NumPy dtype string of the tensor as stored) and its bytes.
+  dtype, shape]`` as JSON (the NumPy dtype string of the tensor as stored, ``"bfloat16"`` for
+  bfloat16) and its bytes.
   safetensors checks no data: the checksum is what makes a changed byte a refusal.
 
 Nothing else may be in the file: every tensor is in exactly one node, and every metadata entry
@@ -36,6 +37,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from adam_functional import _bfloat16
 from adam_functional import _checkpoint_header as header
 from adam_functional import _checkpoint_tree as codec
 
@@ -76,7 +78,7 @@ class TensorStore:
         if path in self.tensors:  # Only keys that print alike, such as two NaNs, can collide.
             raise header.Refusal(f"two arrays would be stored under one name, {path!r}")
         stored = header.c_order(array)  # safetensors takes C-contiguous data.
-        if stored.dtype.str in _NATIVE:
+        if stored.dtype.str in _NATIVE or _bfloat16.is_bfloat16(stored.dtype):
             self.tensors[path] = stored
             return {"tensor": path}
         self.tensors[path] = stored.reshape(-1).view(np.uint8)
@@ -146,7 +148,8 @@ def _checksum(entries: dict[str, str], tensors: dict[str, np.ndarray]) -> Any:
     digest = header.new_digest(entries)
     for name in sorted(tensors):
         tensor = tensors[name]
-        header.update_digest(digest, [name, tensor.dtype.str, list(tensor.shape)], tensor)
+        label = [name, header.dtype_label(tensor.dtype), list(tensor.shape)]
+        header.update_digest(digest, label, tensor)
     return digest
 
 
@@ -261,10 +264,17 @@ def _keep_metadata(pairs: list[tuple[str, Any]]) -> dict[str, Any] | None:
 def _tensor(name: str, spec: dict[str, Any]) -> np.ndarray:
     """The array of a tensor that safetensors has parsed: its bytes fit its dtype and shape."""
     dtype = _DTYPES.get(spec["dtype"])
+    if spec["dtype"] == "BF16":
+        dtype = _bfloat16.numpy_dtype()
+        if dtype is None:
+            raise header.Refusal(
+                f"tensor {name!r}: cannot load a bfloat16 tensor; {_bfloat16.ADVICE}",
+                in_header=False,
+            )
     if dtype is None:
         raise header.Refusal(
             f"tensor {name!r}: expected one of the dtypes a checkpoint stores (bool, int, uint, "
-            f"float16 to float64), got {spec['dtype']}",
+            f"bfloat16, float16 to float64), got {spec['dtype']}",
             in_header=False,
         )
     try:

@@ -43,9 +43,9 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
-from adam_functional import _tree, schedules
+from adam_functional import _bfloat16, _tree, schedules
 from adam_functional._checkpoint_header import Kind, Refusal, numeric_problem, short
-from adam_functional._namespaces import is_foreign, to_numpy
+from adam_functional._namespaces import is_foreign, library, to_numpy
 from adam_functional._records import AdamConfig, AdamState
 
 # Bounds on the work a file can ask for (the module docstring states them).
@@ -114,6 +114,8 @@ class Encoder:
         if kind is np.ndarray:
             return self._array("array", value)
         if is_foreign(value):  # A JAX, torch, ... array: stored as NumPy data, loaded as NumPy.
+            if library(value) == "torch" and _bfloat16.is_bfloat16(value.dtype):
+                return self._array("array", _bfloat16.from_torch(value, self._where()))
             return self._array("array", to_numpy(value))
         scalar = self._scalar(value, self._where)
         if scalar is not None:

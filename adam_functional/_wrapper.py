@@ -546,11 +546,15 @@ class Adam:
           TypeError: an entry holds the wrong kind of value.
         """
         config, states, names = plain_data.parse(state_dict)
-        slots = [_Slot.from_state(state) for state in states]
-        for rank, slot in enumerate(slots):
-            slot.restored = True
-            slot.rank = rank
         with self._lock:
+            if params is None:
+                states = plain_data.fit_in_order(states, [s.m for s in self._slots.values()])
+            else:
+                states = plain_data.fit_by_name(config, states, names, params)
+            slots = [_Slot.from_state(state) for state in states]
+            for rank, slot in enumerate(slots):
+                slot.restored = True
+                slot.rank = rank
             if params is None:
                 self._load_in_order(config, slots)
             else:

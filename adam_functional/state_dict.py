@@ -30,10 +30,10 @@ from typing import Any
 import attrs
 import numpy as np
 
-from adam_functional import schedules
+from adam_functional import _bfloat16, _tree, schedules
 from adam_functional._records import AdamConfig, AdamState
 
-__all__ = ["FORMAT", "VERSION", "build", "parse"]
+__all__ = ["FORMAT", "MAX_DEPTH", "VERSION", "build", "fit_by_name", "fit_in_order", "parse"]
 
 #: The ``format`` entry of a state dict.
 FORMAT = "adam_functional.Adam"
@@ -79,10 +79,12 @@ def build(
                 "the optimizer instead"
             ) from error
     entries = []
-    for state in states:
-        entry: dict[str, Any] = {"m": np.array(state.m), "v": np.array(state.v)}
-        if state.v_max is not None:
-            entry["v_max"] = np.array(state.v_max)
+    for position, state in enumerate(states):
+        entry: dict[str, Any] = {}
+        for name in ("m", "v", "v_max"):
+            moments = getattr(state, name)
+            if moments is not None:
+                entry[name] = _host(moments, f"state_dict['state'][{position}][{name!r}]")
         entry.update((name, getattr(state, name)) for name in _COUNTS)
         entries.append(entry)
     result: dict[str, Any] = {"format": FORMAT, "version": VERSION, "config": fields}
@@ -90,6 +92,15 @@ def build(
     if names is not None:
         result["names"] = list(names)
     return result
+
+
+def _host(moments: Any, where: str) -> np.ndarray:
+    """A NumPy copy of ``moments`` in host memory; torch's bfloat16 as ml_dtypes' bfloat16."""
+    if type(moments).__module__.partition(".")[0] == "torch":
+        if _bfloat16.is_bfloat16(moments.dtype):
+            return _bfloat16.from_torch(moments, where)
+        return np.array(moments.detach().cpu().numpy())
+    return np.array(moments)
 
 
 def parse(state_dict: Any) -> tuple[AdamConfig, list[AdamState], list[str] | None]:
@@ -236,7 +247,9 @@ def _parse_entry(entry: Any, config: AdamConfig, where: str) -> AdamState:
     arrays: list[np.ndarray] = []
     for name in names:
         array = entry[name]
-        if type(array) is not np.ndarray or array.dtype.kind != "f":
+        if type(array) is not np.ndarray or not (
+            array.dtype.kind == "f" or _bfloat16.is_bfloat16(array.dtype)
+        ):
             raise TypeError(
                 f"{where}[{name!r}]: expected a floating-point array, got {_describe(array)}"
             )
@@ -246,6 +259,9 @@ def _parse_entry(entry: Any, config: AdamConfig, where: str) -> AdamState:
                 f"{arrays[0].shape} like 'm', got dtype {array.dtype} and shape {array.shape}"
             )
         arrays.append(array)
+    if _bfloat16.is_bfloat16(arrays[0].dtype):
+        # NumPy computes no bfloat16: such moments are a torch optimizer's, and go back to torch.
+        arrays = [_bfloat16.to_torch(array, f"{where}['m']") for array in arrays]
     counts = {name: _scalar(entry[name], f"{where}[{name!r}]", int) for name in _COUNTS}
     for name, count in counts.items():
         if count < 0:
@@ -275,3 +291,81 @@ def _parse_names(raw: Any, count: int) -> list[str] | None:
         duplicate = next(name for name in names if names.count(name) > 1)
         raise ValueError(f"state_dict['names']: expected distinct names, got {duplicate!r} twice")
     return names
+
+
+# -------------------------------------------------------------------------------------------------
+# Fitting parsed states to the arrays they are loaded for.
+
+
+def fit_in_order(states: Sequence[AdamState], live: Sequence[Any]) -> list[AdamState]:
+    """The states, each of the first ``len(live)`` in the library and on the device of the live
+    moments it replaces where their dtype and shape agree (the caller refuses the others)."""
+    fitted = list(states)
+    for position, (state, moments) in enumerate(zip(states, live)):
+        if tuple(state.m.shape) == tuple(moments.shape) and _name(state.m.dtype) == _name(
+            moments.dtype
+        ):
+            fitted[position] = _like(state, moments)
+    return fitted
+
+
+def fit_by_name(
+    config: AdamConfig, states: Sequence[AdamState], names: Sequence[str] | None, params: Any
+) -> list[AdamState]:
+    """The states, each checked against the array of ``params`` at the path it is stored under
+    (the dtype ``config`` gives its moments) and put in that array's library and device.
+
+    Names and shapes that do not match are left for the caller to refuse.
+
+    Raises:
+      ValueError: a state's moments are not of the dtype its array's moments have.
+    """
+    if names is None:
+        return list(states)
+    leaves, treedef = _tree.flatten(params, "params")
+    by_path = dict(zip(_tree.leaf_paths(treedef, "params"), leaves))
+    fitted = list(states)
+    for position, (name, state) in enumerate(zip(names, states)):
+        p = by_path.get(name)
+        if p is None or tuple(p.shape) != tuple(state.m.shape):
+            continue
+        expected = _moments_name(config, _name(p.dtype))
+        if _name(state.m.dtype) != expected:
+            raise ValueError(
+                f"{name}: expected moments of dtype {expected} for {_name(p.dtype)} parameters "
+                f"with moment_dtype={config.moment_dtype!r}, got dtype {_name(state.m.dtype)} in "
+                f"state_dict['state'][{position}]"
+            )
+        fitted[position] = _like(state, p)
+    return fitted
+
+
+def _name(dtype: Any) -> str:
+    """A dtype's name, the same for NumPy's and another library's (``torch.float32``)."""
+    return str(dtype).rpartition(".")[2]
+
+
+def _moments_name(config: AdamConfig, params: str) -> str:
+    if isinstance(config.moment_dtype, np.dtype):
+        return str(config.moment_dtype.name)
+    try:
+        return str(config.moments_dtype(np.dtype(params)).name)
+    except TypeError:  # bfloat16, which NumPy does not name: its moments keep it.
+        return params
+
+
+def _like(state: AdamState, target: Any) -> AdamState:
+    """``state`` with its moments in the library and on the device of the array ``target``:
+    torch's; NumPy's and other libraries' take the moments as they are."""
+    if type(target).__module__.partition(".")[0] != "torch":
+        return state
+    import torch  # Imported already: target is one of its tensors.
+
+    def moved(moments: Any) -> Any:
+        if moments is None:
+            return None
+        if isinstance(moments, np.ndarray):
+            moments = torch.from_numpy(np.array(moments, order="C"))
+        return moments.to(device=target.device, copy=True)
+
+    return attrs.evolve(state, m=moved(state.m), v=moved(state.v), v_max=moved(state.v_max))

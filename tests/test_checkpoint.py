@@ -17,6 +17,7 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 import pytest
+import safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -780,3 +781,22 @@ def test_without_safetensors_save_and_load_say_how_to_install_it(tmp_path, monke
 def test_the_module_examples_run():
     results = doctest.testmod(checkpoint, optionflags=doctest.ELLIPSIS, raise_on_error=False)
     assert results.failed == 0 and results.attempted > 10
+
+
+def test_bfloat16_tensors_are_saved_as_bfloat16_and_load_bit_for_bit(tmp_path):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="NumPy holds bfloat16 with ml_dtypes")
+    params = {"w": torch.linspace(-3, 3, 5, dtype=torch.bfloat16)}
+    opt = Adam(lr=0.1)
+    opt.step(params, {"w": torch.full((5,), 0.3, dtype=torch.bfloat16)})
+    path = tmp_path / "bf16.ckpt"
+    checkpoint.save(path, {"params": params, "optimizer": opt.state_dict(params)})
+    with safetensors.safe_open(path, framework="pt") as file:
+        assert file.get_slice("tree['params']['w']").get_dtype() == "BF16"
+    back = checkpoint.load(path)
+    w = back["params"]["w"]
+    assert w.dtype == ml_dtypes.bfloat16 and w.flags.writeable
+    assert np.array_equal(w.view(np.int16), params["w"].view(torch.int16).numpy())
+    restored = Adam(lr=0.5)
+    restored.load_state_dict(back["optimizer"], params)
+    assert torch.equal(restored.m[id(params["w"])], opt.m[id(params["w"])])

@@ -617,12 +617,28 @@ def test_tensors_must_match_their_nodes_once_each(tmp_path, tensors, node, messa
 
 
 def test_a_tensor_of_a_dtype_checkpoints_never_store_natively_is_refused(tmp_path):
+    path = tmp_path / "f8.ckpt"
+    path.write_bytes(
+        _header({"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}) + b"\x00"
+    )
+    with raises_naming(
+        path,
+        r"tensor 'a': expected one of the dtypes a checkpoint stores \(bool, int, uint, "
+        r"bfloat16, float16 to float64\), got F8_E4M3$",
+    ):
+        checkpoint.load(path)
+
+
+def test_a_bfloat16_tensor_is_refused_by_name_without_ml_dtypes(tmp_path, monkeypatch):
     path = tmp_path / "bf16.ckpt"
     path.write_bytes(
         _header({"a": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}) + b"\x00\x00"
     )
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)  # As if it were not installed.
     with raises_naming(
-        path, r"(damaged checkpoint: tensor 'a' cannot be read|tensor 'a': expected)"
+        path,
+        r"tensor 'a': cannot load a bfloat16 tensor; NumPy holds bfloat16 only with ml_dtypes: "
+        r"pip install ml_dtypes$",
     ):
         checkpoint.load(path)
 
