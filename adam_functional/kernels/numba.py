@@ -153,7 +153,6 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
             eps,
             l2,
             1.0,
-            1.0,
             step_m,
             0.0,
             0.0,
@@ -217,7 +216,7 @@ def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     # becomes inf there too, silently.
     with np.errstate(over="ignore"):
         coef = _coefficient_array(c, dtype, step_m, step_g, eps, eps_root)
-    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None), np.bool_)
+    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None, c.maximize), np.bool_)
     _last_scalars = (c, dtype, coef, flags)
     return coef, flags
 
@@ -239,7 +238,6 @@ def _coefficient_array(
             eps,
             c.l2,
             1.0 if c.decay is None else c.decay,
-            -1.0 if c.maximize else 1.0,
             step_m,
             0.0 if step_g is None else step_g,
             eps_root,
