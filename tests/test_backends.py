@@ -265,3 +265,67 @@ def test_a_v_max_of_negative_zero_with_eps_of_negative_zero_agrees():
         _assert_same(results[0], got)
     # step / -0.0 is -inf, and p - (-inf) is +inf (a denominator of +0.0 would give -inf).
     assert np.all(results[0][0] == np.inf)
+
+
+# Steps that make a NaN from one NaN and numbers, or from 0.0 / 0.0: its sign bit is made alike
+# by every kernel (np.negative and Python's -g flip it, x86's 0.0 / 0.0 sets it).
+NAN_STEPS = {
+    "maximize with a NaN gradient": (
+        AdamConfig(lr=0.1, maximize=True, nonfinite="propagate"),
+        [np.nan, 1.0, -2.0, 3.0],
+    ),
+    "maximize with a -NaN gradient and L2": (
+        AdamConfig(lr=0.1, maximize=True, weight_decay=0.1, nonfinite="propagate"),
+        [-np.nan, 1.0, -2.0, 3.0],
+    ),
+    "0 / 0 with eps=0": (AdamConfig(lr=0.1, eps=0.0), [0.0, 1.0, -2.0, 3.0]),
+    "0 / 0 with eps=0 and AMSGrad": (
+        AdamConfig(lr=0.1, eps=0.0, amsgrad=True),
+        [0.0, 1.0, 2.0, 3.0],
+    ),
+}
+
+
+def _nan_step_results(config, grad, dtype):
+    """The first parameters of a 4-element step through each API and path: one array and a tree
+    of five such leaves (stepped as one batch), by `adam_update` and by `Adam.step`, and the
+    array kernel on 40 elements (more than the Python-float loop takes)."""
+    g = np.array(grad, dtype)
+    p = np.array([1.0, 2.0, 3.0, 4.0], dtype)
+    results = {"adam_update": adam_update(p, g, adam_init(p, config), config)[0]}
+    in_place = p.copy()
+    Adam.from_config(config).step(in_place, g)
+    results["Adam.step"] = in_place
+    tree = [p + i for i in range(5)]
+    grads = [g.copy() for _ in tree]
+    stepped, _ = adam_update(tree, grads, adam_init(tree, config), config)
+    results["adam_update of a tree"] = stepped[0]
+    Adam.from_config(config).step(tree, grads)
+    results["Adam.step of a tree"] = tree[0]
+    big_p, big_g = np.tile(p, 10), np.tile(g, 10)
+    zeros = np.zeros_like(big_p)
+    out = _fresh(big_p, zeros if config.amsgrad else None)
+    x = Inputs(big_p, big_g, zeros, zeros, zeros if config.amsgrad else None)
+    with np.errstate(all="ignore"):
+        kernels.select(p.dtype, g.dtype, p.dtype)(x, kernels.coefficients(config, 1), Outputs(*out))
+    results["the array kernel"] = out[0][:4]
+    return results
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", NAN_STEPS, ids=list(NAN_STEPS))
+def test_nans_of_one_nan_or_zero_by_zero_have_the_same_bits_in_every_backend_and_api(
+    name, dtype, case
+):
+    config, grad = NAN_STEPS[case]
+    if name == "numba":
+        _numba.load()  # The compiled loops, and so the compiled step of a few elements.
+    with kernels.use_backend(name):
+        results = _nan_step_results(config, grad, dtype)
+    with kernels.use_backend("numpy"):
+        expected = _nan_step_results(config, grad, dtype)["the array kernel"]
+    assert np.isnan(expected[0])
+    for path, got in results.items():
+        assert got.dtype == expected.dtype
+        assert got.tobytes() == expected.tobytes(), f"{path}: {got.view(np.uint8)}"

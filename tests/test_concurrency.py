@@ -197,6 +197,103 @@ def test_concurrent_large_updates_survive_numbas_workqueue_threading_layer():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _layer_available(layer):
+    if layer == "default":
+        return True
+    module = {"tbb": "tbbpool", "omp": "omppool", "workqueue": "workqueue"}[layer]
+    try:
+        importlib.import_module(f"numba.np.ufunc.{module}")
+    except ImportError:  # TBB's library, say, is not installed
+        return False
+    return True
+
+
+_FORK_AND_THREADS = textwrap.dedent(
+    """
+    import multiprocessing
+    from concurrent.futures import ThreadPoolExecutor
+    import numpy as np
+    import adam_functional as af
+    from adam_functional.kernels import numba as kernel
+
+    N = kernel.PARALLEL_THRESHOLD
+    config = af.AdamConfig(lr=0.01)
+
+    def run(seed):
+        rng = np.random.default_rng(seed)
+        params = rng.standard_normal(N)
+        state = af.adam_init(params)
+        for _ in range(2):
+            params, state = af.adam_update(params, rng.standard_normal(N), state, config)
+        return params.tobytes()
+
+    def on_threads():
+        with ThreadPoolExecutor(3) as pool:
+            return list(pool.map(run, range(4)))
+
+    # Large steps: the parallel loops start the threading layer's threads.
+    expected = [run(seed) for seed in range(4)]
+    assert on_threads() == expected, "threads changed the results"
+
+    def child(depth):
+        # Exit status 1 if the steps differ, -15 if numba ends the child with SIGTERM (or -9
+        # if it hangs and is killed).
+        assert run(0) == expected[0] and on_threads() == expected, "the child's steps differ"
+        if depth:
+            grandchild = context.Process(target=child, args=(depth - 1,))
+            grandchild.start()
+            grandchild.join(timeout=20)
+            if grandchild.exitcode is None:  # hung: it would hold this child at its exit
+                grandchild.kill()
+            assert grandchild.exitcode == 0, f"the grandchild's exit status: {grandchild.exitcode}"
+
+    context = multiprocessing.get_context("fork")
+    with ThreadPoolExecutor(2) as pool:
+        # The parent steps on threads while it forks (an OpenMP team may be at work).
+        busy = [pool.submit(run, seed) for seed in range(2)]
+        process = context.Process(target=child, args=(1,))
+        process.start()
+        process.join(timeout=30)
+        if process.exitcode is None:
+            process.kill()
+        assert [future.result() for future in busy] == expected[:2]
+    assert process.exitcode == 0, f"the forked child's exit status: {process.exitcode}"
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="needs numba")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "default",
+        pytest.param("omp", marks=pytest.mark.slow),
+        pytest.param("workqueue", marks=pytest.mark.slow),
+        pytest.param("tbb", marks=pytest.mark.slow),
+    ],
+)
+def test_a_forked_child_and_a_thread_pool_take_large_steps_after_large_steps(layer):
+    # GNU OpenMP's threads, once started, cannot start again in a forked child: numba ends a
+    # child that enters parallel code with SIGTERM. The child must take its steps (on the
+    # serial loops there), alone and on threads, with the parent's bits. In a subprocess with a
+    # timeout, so that a signal or a hang fails this test and not the run.
+    if not _layer_available(layer):
+        pytest.skip(f"numba's {layer} threading layer is not available")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": layer, "ADAM_FUNCTIONAL_BACKEND": "numba"}
+    result = subprocess.run(
+        [sys.executable, "-c", _FORK_AND_THREADS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    # (numba's TBB layer may print that it could not join its threads before the fork.)
+    assert result.stdout.splitlines()[-1:] == ["ok"], result.stdout[-2000:]
+
+
 def test_steps_from_many_threads_claim_each_restored_state_once():
     # Restored states wait for the arrays that step first; 64 arrays stepping from 8 threads at
     # once must each take one, none twice, none left over.

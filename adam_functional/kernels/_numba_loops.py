@@ -19,9 +19,9 @@ _CHECK_CHUNK = 1 << 12
 
 # Positions in the coefficient array, which carries the scalars in the work dtype so that every
 # operation rounds as NumPy's does with a Python float scalar (cast to the array's dtype first).
-_BETA1, _OMB1, _BETA2, _OMB2, _EPS, _L2, _DECAY, _SIGN, _STEP_M, _STEP_G, _EPS_ROOT = range(11)
+_BETA1, _OMB1, _BETA2, _OMB2, _EPS, _L2, _DECAY, _STEP_M, _STEP_G, _EPS_ROOT = range(10)
 # Positions in the flags array: loop-invariant branches, which LLVM hoists out of the loop.
-_USE_L2, _AMSGRAD, _NESTEROV = range(3)
+_USE_L2, _AMSGRAD, _NESTEROV, _MAXIMIZE = range(4)
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
@@ -39,18 +39,19 @@ def _scalars(coef, flags):  # type: ignore[no-untyped-def]
         coef[7],
         coef[8],
         coef[9],
-        coef[10],
     )
-    return c, (flags[0], flags[1], flags[2])
+    return c, (flags[0], flags[1], flags[2], flags[3])
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _element(pi, gi, mi, vi, vmi, coef, flags):  # type: ignore[no-untyped-def]
-    # One element: the operations of the NumPy kernel's `_block`, in its order. Maximize is a
-    # product with -1.0 and decoupled decay one with 1.0 when off, both exact, so that the only
-    # branches are the flags and whether eps_root is 0.0, the same for every element, which LLVM
-    # hoists out of the loop.
-    gi = gi * coef[_SIGN]
+    # One element: the operations of the NumPy kernel's `_block`, in its order. Decoupled decay
+    # is a product with 1.0 when off, exact, so that the only branches are the flags and whether
+    # eps_root is 0.0, the same for every element, which LLVM hoists out of the loop. Maximize
+    # negates, as np.negative: the sign bit flips, a NaN's too (a product with -1.0 keeps a
+    # NaN's sign on x86).
+    if flags[_MAXIMIZE]:
+        gi = -gi
     if flags[_USE_L2]:
         gi = gi + pi * coef[_L2]
     pi = pi * coef[_DECAY]

@@ -1,15 +1,16 @@
 """The compiled backend: the reference kernel (`kernels.numpy`) as one fused loop, with numba.
 
 One pass per array reads ``p``, ``g``, ``m``, ``v`` once and writes the results once, in parallel
-over cores for large arrays. The operations and their order are those of the NumPy kernel, with
-no ``fastmath`` (which would let LLVM reassociate and fuse them), and NumPy's error model
-(division by zero gives inf or NaN rather than raising), so the results are bit-for-bit the
-same. float32 and float64 run here (`supports`); the registry gives other dtypes (float16,
-longdouble, or gradients of another dtype than the parameters) to the reference kernel, and so
-does this module to arrays of a few float64 elements (the reference's Python-float loop, quicker
-there than the arguments of a compiled call), but for the one-array step of `small_step`: a
-loop of its own (``kernels._numba_small``, loaded at the first such step once the loops are)
-that takes its scalars as arguments, at about a microsecond a call.
+over cores for large arrays (one step at a time; serially in a process forked from one whose
+parallel loops ran on GNU OpenMP, whose threads do not survive a fork). The operations and their
+order are those of the NumPy kernel, with no ``fastmath`` (which would let LLVM reassociate and fuse
+them), and NumPy's error model (division by zero gives inf or NaN rather than raising), so the
+results are bit-for-bit the same. float32 and float64 run here (`supports`); the registry gives
+other dtypes (float16, longdouble, or gradients of another dtype than the parameters) to the
+reference kernel, and so does this module to arrays of a few float64 elements (the reference's
+Python-float loop, quicker there than the arguments of a compiled call), but for the one-array step
+of `small_step`: a loop of its own (``kernels._numba_small``, loaded at the first such step once the
+loops are) that takes its scalars as arguments, at about a microsecond a call.
 
 The loops live in ``kernels._numba_loops``, which this module imports, and numba with it, at the
 first step of at least `COMPILED_MIN` elements (`load`): a process whose steps are all smaller
@@ -30,10 +31,12 @@ signature per dtype whatever the caller's arrays are.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 import threading
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -62,16 +65,48 @@ PARALLEL_THRESHOLD = 1 << 17
 #: step of fewer elements would not win back for thousands of steps. Until then the steps run on
 #: the reference kernel, with the same results bit for bit.
 COMPILED_MIN = 1 << 16
-# numba's default thread pool (workqueue) aborts the process when two threads enter parallel code
-# at once; the parallel loop is entered by one step at a time.
+# numba's thread pool of last resort (workqueue) aborts the process when two threads enter
+# parallel code at once; the parallel loops are entered by one step at a time.
 _parallel_lock = threading.Lock()
 _load_lock = threading.Lock()
+# Whether this process was forked (at any depth) from one whose parallel code had started GNU
+# OpenMP's threads, which cannot start again in the child: numba ends a child that enters
+# parallel code with SIGTERM ("fork() called from a process already using GNU OpenMP"). Such a
+# process takes the serial loops (`_after_fork_in_child`).
+_serial_only = False
 _loops: ModuleType | None = None
 # The modules of this package's kernels whose import failed: never tried again.
 _failed: set[str] = set()
 
 if importlib.util.find_spec("numba") is None:
     raise ModuleNotFoundError("No module named 'numba'", name="numba")
+
+
+def _after_fork_in_child() -> None:
+    """In a forked child: new locks (a thread of the parent may have held one as it forked),
+    and the serial loops from now on where the parent's parallel code ran on GNU OpenMP."""
+    global _parallel_lock, _load_lock, _serial_only
+    _parallel_lock = threading.Lock()
+    _load_lock = threading.Lock()
+    _serial_only = _serial_only or _gnu_openmp_started()
+
+
+def _gnu_openmp_started() -> bool:
+    """Whether numba's parallel code has run in this process on GNU OpenMP's threads (TBB,
+    workqueue and other OpenMPs start again in a forked child)."""
+    numba = sys.modules.get("numba")
+    if numba is None:
+        return False
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # No parallel code has run: a child starts threads of its own.
+        return False
+    omp = sys.modules.get("numba.np.ufunc.omppool")
+    return bool(layer == "omp" and getattr(omp, "openmp_vendor", "GNU") == "GNU")
+
+
+if hasattr(os, "register_at_fork"):  # Not on Windows, which has no fork.
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def failed() -> bool:
@@ -153,7 +188,6 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
             eps,
             l2,
             1.0,
-            1.0,
             step_m,
             0.0,
             0.0,
@@ -217,7 +251,7 @@ def _scalars_of(c: Coefficients, dtype: np.dtype) -> tuple[np.ndarray, np.ndarra
     # becomes inf there too, silently.
     with np.errstate(over="ignore"):
         coef = _coefficient_array(c, dtype, step_m, step_g, eps, eps_root)
-    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None), np.bool_)
+    flags = np.array((c.l2 != 0.0, c.amsgrad, step_g is not None, c.maximize), np.bool_)
     _last_scalars = (c, dtype, coef, flags)
     return coef, flags
 
@@ -239,7 +273,6 @@ def _coefficient_array(
             eps,
             c.l2,
             1.0 if c.decay is None else c.decay,
-            -1.0 if c.maximize else 1.0,
             step_m,
             0.0 if step_g is None else step_g,
             eps_root,
@@ -261,18 +294,12 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
     coef, flags = _scalars_of(c, dtype)
     if out.m is x.m and out.p is x.p and x.p.flags.c_contiguous:
         # In place, the common case: every array C-contiguous, the moments the outputs.
-        n = x.p.size
         vmax = _NO_V_MAX[dtype] if x.v_max is None else ravel(x.v_max)
         arrays = (ravel(x.p), _read_only(ravel(x.g)), ravel(x.m), ravel(x.v), vmax)
-        if n >= PARALLEL_THRESHOLD:
-            with _parallel_lock:
-                loops.parallel_in_place(*arrays, coef, flags)
-        else:
-            loops.in_place(*arrays, coef, flags)
+        _in_place(loops, arrays, coef, flags)
         return
     none = _NO_V_MAX[dtype]
     flat_x, flat_out = flat(x, out)
-    n = flat_out.p.shape[0]
     g = _read_only(flat_x.g)
     if out.m is x.m:
         # In place: the moments are the outputs. A parameter of another layout is computed in
@@ -281,12 +308,7 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
         if out.p is not x.p or not out.p.flags.c_contiguous:
             np.copyto(p, flat_x.p)
         vmax = none if flat_out.v_max is None else flat_out.v_max
-        arrays = (p, g, flat_out.m, flat_out.v, vmax)
-        if n >= PARALLEL_THRESHOLD:
-            with _parallel_lock:
-                loops.parallel_in_place(*arrays, coef, flags)
-        else:
-            loops.in_place(*arrays, coef, flags)
+        _in_place(loops, (p, g, flat_out.m, flat_out.v, vmax), coef, flags)
     else:
         inputs = (
             _read_only(flat_x.p),
@@ -296,9 +318,23 @@ def adam_leaf(x: Inputs, c: Coefficients, out: Outputs) -> None:
             _NO_V_MAX_INPUT[dtype] if flat_x.v_max is None else _read_only(flat_x.v_max),
         )
         outputs = (*flat_out[:3], none if flat_out.v_max is None else flat_out.v_max)
-        if n >= PARALLEL_THRESHOLD:
+        if _parallel(inputs[0].shape[0]):
             with _parallel_lock:
                 loops.parallel(*inputs, *outputs, coef, flags)
         else:
             loops.serial(*inputs, *outputs, coef, flags)
     write_back(out, flat_out)
+
+
+def _parallel(n: int) -> bool:
+    """Whether a loop over ``n`` elements takes the parallel loops."""
+    return n >= PARALLEL_THRESHOLD and not _serial_only
+
+
+def _in_place(loops: ModuleType, arrays: tuple[np.ndarray, ...], coef: Any, flags: Any) -> None:
+    """The in-place loop over flat ``arrays`` ``(p, g, m, v, v_max)``, parallel when large."""
+    if _parallel(arrays[0].shape[0]):
+        with _parallel_lock:
+            loops.parallel_in_place(*arrays, coef, flags)
+    else:
+        loops.in_place(*arrays, coef, flags)

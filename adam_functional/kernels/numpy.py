@@ -67,6 +67,12 @@ _FLOAT64 = np.dtype(np.float64)
 #: threads for it, long enough that the per-call cost is small.
 CHECK_CHUNK = 1 << 13
 _LARGEST: dict[np.dtype, float] = {}
+# The NaNs that NumPy's (and so the hardware's) 0.0 / 0.0 and square root of a negative number
+# make, with their sign bit (set on x86): where Python raises, `_every_option` writes these, so
+# that its NaNs have the bits of the arrays' kernels.
+with np.errstate(invalid="ignore"):
+    _ZERO_BY_ZERO = float(np.divide(np.zeros(1), np.zeros(1))[0])
+    _ROOT_OF_NEGATIVE = float(np.sqrt(-np.ones(1))[0])
 
 
 def supports(p: np.dtype, g: np.dtype, moments: np.dtype, total: int) -> bool:
@@ -408,17 +414,23 @@ def _every_option(
             step = step + g * step_g
         if eps_root != 0.0:
             second = second + eps_root
-        denominator = (sqrt(second) if second >= 0.0 else math.nan) + eps
+        denominator = (sqrt(second) if second >= 0.0 else _root_nan(second)) + eps
         if denominator != 0.0:
             step = step / denominator
-        elif step != step or step == 0.0:
-            step = math.nan
-        else:
+        elif step == 0.0:
+            step = _ZERO_BY_ZERO
+        elif step == step:
             step = math.copysign(math.inf, step) * math.copysign(1.0, denominator)
+        # else NaN / 0.0 is that NaN.
         new_p.append(p - step)
         new_m.append(m)
         new_v.append(v)
     return new_p, new_m, new_v, new_v_max
+
+
+def _root_nan(x: float) -> float:
+    """``np.sqrt(x)`` for an ``x`` that is NaN (that NaN) or negative."""
+    return x if x != x else _ROOT_OF_NEGATIVE
 
 
 def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
