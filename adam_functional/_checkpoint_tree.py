@@ -44,8 +44,8 @@ import attrs
 import numpy as np
 
 from adam_functional import _bfloat16, _tree, schedules
+from adam_functional._arrays import is_foreign, library, to_numpy
 from adam_functional._checkpoint_header import Kind, Refusal, numeric_problem, short
-from adam_functional._namespaces import is_foreign, library, to_numpy
 from adam_functional._records import AdamConfig, AdamState
 
 # Bounds on the work a file can ask for (the module docstring states them).

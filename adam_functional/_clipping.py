@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from adam_functional import _tree
-from adam_functional._step import plain
+from adam_functional._arrays import plain
 from adam_functional._tree import ArrayTree
 
 __all__ = ["clip_by_global_norm", "global_norm"]

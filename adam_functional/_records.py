@@ -17,7 +17,7 @@ import attrs
 import numpy as np
 
 from adam_functional import _tree
-from adam_functional._namespaces import is_foreign, library, namespace, to_numpy
+from adam_functional._arrays import is_foreign, library, namespace, to_numpy
 from adam_functional._tree import ArrayTree
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, TypeAlias
 import attrs
 import numpy as np
 
-from adam_functional._namespaces import is_foreign
+from adam_functional._arrays import is_foreign
 
 __all__ = [
     "MAX_DEPTH",
@@ -91,6 +91,10 @@ class LeafPaths:
         if self._paths is None:
             self._paths = leaf_paths(self.treedef, self.root)
         return self._paths[index]
+
+    def renamed(self, root: str) -> LeafPaths:
+        """The paths of the same leaves under another root (``grads`` for ``params``)."""
+        return LeafPaths(self.treedef, root)
 
 
 def _container_name(kind: type) -> str:

@@ -1,7 +1,8 @@
 """The pure update: `adam_init` and `adam_update`.
 
-`adam_update` checks its ``state`` against the parameters, takes the checked step of
-``adam_functional._step``, and runs it into fresh arrays; it writes none of its inputs.
+`adam_update` checks its ``state`` against the parameters, plans the step
+(``adam_functional._plan``) and takes it (``adam_functional._step``) into fresh arrays; it writes
+none of its inputs.
 """
 
 from __future__ import annotations
@@ -9,33 +10,25 @@ from __future__ import annotations
 import itertools
 import operator
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 
 from adam_functional import _tree
-from adam_functional._namespaces import is_foreign, namespace
-from adam_functional._records import AdamConfig, AdamState, ConfigTree, register_with_jax, seal
-from adam_functional._step import (
-    Fresh,
+from adam_functional._arrays import is_foreign, namespace, one_library, plain
+from adam_functional._plan import (
+    Checked,
     LeafState,
-    Step,
+    build,
     configs_for,
+    keep_one,
+    kept_one,
     moments_dtype,
-    one_library,
-    plain,
-    prepare_one,
-    prepare_step,
-    run,
-    run_array_api,
-    run_fresh,
-    small_step,
 )
-from adam_functional._torch_views import Views, empty, views
+from adam_functional._records import AdamConfig, AdamState, ConfigTree, register_with_jax, seal
+from adam_functional._step import Stepped, advance, take
 from adam_functional._tree import ArrayTree, LeafPaths, TreeDef
-from adam_functional.kernels import Inputs, Outputs
 
 __all__ = ["adam_init", "adam_update"]
 
@@ -130,8 +123,8 @@ def _init_array_api(
         # step; it starts as one, so that the first call traces what the others do.
         register_with_jax()
         # The default integer dtype, not weakly typed: int32, or int64 with jax_enable_x64.
-        zero = xp.zeros((), dtype=xp.asarray(0).dtype)
-        counts = (zero, zero, zero)
+        # Each its own buffer, so that jit can take the state donated.
+        counts = tuple(xp.zeros((), dtype=xp.asarray(0).dtype) for _ in range(3))
     else:
         counts = (0, 0, 0)
     v_max = zeros(amsgrad) if any(amsgrad) else None
@@ -194,91 +187,77 @@ def adam_update(
     """
     _require(state, AdamState, "state")
     if type(params) is np.ndarray and type(config) is AdamConfig and type(state.m) is np.ndarray:
-        one = _update_one(params, grads, state, config)
-        if one is not None:
-            return one
+        leaf = LeafState(state.m, state.v, state.v_max, state.t, state.consecutive_skips, None)
+        checked = kept_one(params, grads, leaf, config, False)
+        if checked is not None:
+            return _finish(checked, take(checked), state, None)
     leaves, treedef = _tree.flatten(params, "params")
     configs = configs_for(config, treedef)
-    numpy_only = all(type(p) is np.ndarray for p in leaves)
-    if not numpy_only:
+    if not all(type(p) is np.ndarray for p in leaves):
         one_library(leaves, LeafPaths(treedef, "params"))
     made = _made.get(id(state))
     states = made.leaf_states(state, leaves, treedef, configs) if made is not None else None
     if states is None:
         made = None
         states = _leaf_states(state, leaves, treedef, configs)
-    if not numpy_only:
-        tensors = views(leaves, grads, treedef, states, pure=True)
-        if tensors is not None:
-            return _update_tensors(tensors, leaves, state, configs, treedef)
-    plan = None if made is None else made.plan
-    known = {} if made is None else made.known(leaves)
-    # First with the batches' checks left to the run, on their gathered gradients; a batch that
-    # fails there makes the run stop, and every leaf is checked on its own (which raises, skips,
-    # or finds the batch sound after all: a sum of squares may overflow where no square does).
-    for defer in (True, False):
-        step = prepare_step(
-            leaves,
-            treedef,
-            grads,
-            states,
-            configs,
-            in_place=False,
-            batched=True,
-            defer=defer,
-            plan=plan,
+    g_leaves = _tree.flatten_like(grads, treedef, "grads")
+    checked = build(
+        leaves,
+        treedef,
+        g_leaves,
+        states,
+        configs,
+        in_place=False,
+        batched=True,
+        kept=None if made is None else made.plan,
+    )
+    if treedef is None:
+        keep_one(checked, states[0], configs[0])
+    stepped = take(checked, None if made is None else made.known(leaves))
+    return _finish(checked, stepped, state, treedef, configs, made)
+
+
+def _finish(
+    checked: Checked,
+    stepped: Stepped,
+    state: AdamState,
+    treedef: TreeDef,
+    configs: list[AdamConfig] | None = None,
+    made: _Made | None = None,
+) -> tuple[Any, AdamState]:
+    """The new parameters and state of a step: fresh arrays, or for a skipped step copies of
+    the parameters and a state that shares the old one's moments."""
+    plan, unflatten = checked.plan, _tree.unflatten
+    t, skipped, streak = advance(state.t, state.skipped, state.consecutive_skips, stepped.taken)
+    if stepped.new is None:
+        copies = [_copy(p, plan.xp) for p in checked.tensors or checked.params]
+        return unflatten(treedef, copies), attrs.evolve(
+            state, skipped=skipped, consecutive_skips=streak
         )
-        if step.xp is not None:
-            return _update_array_api(step, states, state, treedef)
-        if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
-            copies = [np.array(p, copy=True) for p in step.params]
-            skipped = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
-            return _tree.unflatten(treedef, copies), skipped
-        fresh = run_fresh(step, states, known)
-        if fresh is not None:
-            break
-    assert fresh is not None, "a step checked leaf by leaf runs"
-    unflatten = _tree.unflatten
-    new_state = AdamState._of_checked(
-        unflatten(treedef, fresh.m),
-        unflatten(treedef, fresh.v),
-        state.t + 1,
-        unflatten(treedef, fresh.v_max) if state.v_max is not None else None,
-        state.skipped,
-        0,
+    new_p, new_m, new_v, new_vm = (list(x) for x in zip(*stepped.new))
+    trees = (
+        unflatten(treedef, new_m),
+        unflatten(treedef, new_v),
+        t,
+        unflatten(treedef, new_vm) if state.v_max is not None else None,
+        skipped,
+        streak,
     )
-    if numpy_only:
-        _made[id(new_state)] = _Made(new_state, treedef, configs, step, fresh, made)
-    return unflatten(treedef, fresh.p), new_state
+    if plan.xp is not None or checked.tensors is not None:
+        return unflatten(treedef, new_p), AdamState(*trees)
+    new_state = AdamState._of_checked(*trees)
+    if configs is not None:
+        _made[id(new_state)] = _Made(new_state, treedef, configs, checked, stepped, made)
+    return unflatten(treedef, new_p), new_state
 
 
-def _update_one(
-    p: np.ndarray, g: Any, state: AdamState, config: AdamConfig
-) -> tuple[np.ndarray, AdamState] | None:
-    """`adam_update` of one NumPy array in the common cases (`small_step`, `prepare_one`); None
-    otherwise."""
-    m, v = state.m, state.v
-    if state.v_max is None and not state.consecutive_skips and type(v) is np.ndarray:
-        small = small_step(p, g, m, v, state.t, config)
-        if small is not None:
-            new_p, new_m, new_v = small
-            new_state = AdamState._of_checked(
-                seal(new_m), seal(new_v), state.t + 1, None, state.skipped, 0
-            )
-            return new_p, new_state
-    if type(v) is not np.ndarray or v.shape != m.shape or v.dtype != m.dtype:
-        return None
-    leaf = LeafState(m, v, state.v_max, state.t, state.consecutive_skips, None)
-    step = prepare_one(p, g, leaf, config, in_place=False)
-    if step is None:
-        return None
-    assert step.coefficients is not None
-    out = Outputs(
-        np.empty(p.shape, p.dtype), np.empty(m.shape, m.dtype), np.empty(m.shape, m.dtype), None
-    )
-    step.kernels[0](Inputs(p, g, m, v, None), step.coefficients[0], out)
-    new_state = AdamState._of_checked(seal(out.m), seal(out.v), state.t + 1, None, state.skipped, 0)
-    return out.p, new_state
+def _copy(p: Any, xp: Any) -> Any:
+    """A copy of parameter ``p`` of its library, for a skipped step."""
+    if xp is not None:
+        return xp.asarray(p, copy=True)
+    if isinstance(p, np.ndarray):
+        return np.array(p, copy=True)
+    return p.detach().clone()  # A CPU tensor.
 
 
 class _Made:
@@ -319,22 +298,25 @@ class _Made:
         state: AdamState,
         treedef: TreeDef,
         configs: list[AdamConfig],
-        step: Step,
-        fresh: Fresh,
+        checked: Checked,
+        stepped: Stepped,
         before: _Made | None,
     ) -> None:
         key = id(state)
         self.ref = weakref.ref(state, lambda _: _made.pop(key, None))
-        self.leaves = (*fresh.m, *fresh.v, *fresh.v_max)
+        assert stepped.new is not None
+        new_p = [new[0] for new in stepped.new]
+        self.leaves = tuple(new[k] for k in (1, 2, 3) for new in stepped.new)
         self.present = [x for x in self.leaves if x is not None]
-        self.flats = fresh.flats
-        # Weakly: the parameters belong to the caller, who may drop them before the state.
+        # The moments, which the state holds anyway; the parameters weakly: they belong to the
+        # caller, who may drop them before the state.
+        self.flats = {group: flat[1:] for group, flat in stepped.flats.items()}
         self.params = {
-            group: (weakref.ref(flat.p), [weakref.ref(fresh.p[i]) for i in group])
-            for group, flat in fresh.flats.items()
+            group: (weakref.ref(flat[0]), [weakref.ref(new_p[i]) for i in group])
+            for group, flat in stepped.flats.items()
         }
-        self.plan = step.plan
-        if before is not None and before.plan is step.plan:
+        self.plan = checked.plan
+        if before is not None and before.plan is checked.plan:
             # The same plan over the same parameters made arrays of the same shapes and layouts.
             self.treedef, self.configs = before.treedef, before.configs
             self.shapes, self.dtypes = before.shapes, before.dtypes
@@ -342,10 +324,10 @@ class _Made:
             return
         self.treedef = treedef
         self.configs = configs
-        self.shapes = [p.shape for p in step.params]
-        self.dtypes = [p.dtype for p in step.params]
+        self.shapes = [p.shape for p in checked.params]
+        self.dtypes = [p.dtype for p in checked.params]
         self.layouts = list(map(_layout, self.present))
-        self.p_layouts = {group: [_layout(fresh.p[i]) for i in group] for group in fresh.flats}
+        self.p_layouts = {group: [_layout(new_p[i]) for i in group] for group in stepped.flats}
 
     def leaf_states(
         self, state: AdamState, leaves: list[Any], treedef: TreeDef, configs: list[AdamConfig]
@@ -391,7 +373,7 @@ class _Made:
                 for i, view, layout in zip(group, views, layouts)
             ):
                 p = None
-            known[group] = (p, flat.m, flat.v, flat.v_max)
+            known[group] = (p, *flat)
         return known
 
 
@@ -473,80 +455,3 @@ def _mismatch_hint(got: np.dtype, params: np.dtype, expected: np.dtype) -> str:
             "(the default keeps float32 moments for float16 parameters)"
         )
     return "was this state made for other params?"
-
-
-def _update_tensors(
-    tensors: Views,
-    leaves: list[Any],
-    state: AdamState,
-    configs: list[AdamConfig],
-    treedef: TreeDef,
-) -> tuple[Any, AdamState]:
-    """The end of `adam_update` for torch tensors in CPU memory: the NumPy kernels read their
-    views and write into new tensors, through views of them."""
-    import torch
-
-    step = prepare_step(
-        tensors.params, treedef, tensors.grads, tensors.states, configs, in_place=False
-    )
-    if step.coefficients is None:  # Skipped: the parameters as they were, the moments shared.
-        kept = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
-        return _tree.unflatten(treedef, [p.detach().clone() for p in leaves]), kept
-    new = [
-        (
-            torch.empty(p.shape, dtype=p.dtype),
-            empty(p.shape, dtype),
-            empty(p.shape, dtype),
-            empty(p.shape, dtype) if c.amsgrad else None,
-        )
-        for p, dtype, c in zip(leaves, step.moments, configs)
-    ]
-    fields = [s for s in tensors.states if s is not None]  # the pure update's are all there
-    outputs = [
-        (p.numpy(), m.numpy(), v.numpy(), None if vm is None else vm.numpy()) for p, m, v, vm in new
-    ]
-    run(step, fields, outputs)
-    return _results(new, state, treedef, state.t + 1, state.skipped, 0)
-
-
-def _results(
-    outputs: Sequence[Sequence[Any]],
-    state: AdamState,
-    treedef: TreeDef,
-    t: Any,
-    skipped: Any,
-    streak: Any,
-) -> tuple[Any, AdamState]:
-    """The new parameters and state of a step on another library's arrays, from each leaf's
-    ``(p, m, v, v_max)``."""
-    new_p, new_m, new_v, new_vm = zip(*outputs) if outputs else ((), (), (), ())
-    unflatten = _tree.unflatten
-    return unflatten(treedef, list(new_p)), AdamState(
-        unflatten(treedef, list(new_m)),
-        unflatten(treedef, list(new_v)),
-        t,
-        unflatten(treedef, list(new_vm)) if state.v_max is not None else None,
-        skipped,
-        streak,
-    )
-
-
-def _update_array_api(
-    step: Step, states: list[LeafState], state: AdamState, treedef: TreeDef
-) -> tuple[Any, AdamState]:
-    """The end of `adam_update` for another library's arrays: the kernel returns new arrays."""
-    if step.coefficients is None:  # Skipped (known now): the parameters as they were.
-        kept = attrs.evolve(state, skipped=state.skipped + 1, consecutive_skips=step.streak)
-        copies = [step.xp.asarray(p, copy=True) for p in step.params]
-        return _tree.unflatten(treedef, copies), kept
-    outputs = run_array_api(step, states)
-    # Counts held in arrays (JAX) stay arrays of their dtype, so that jit sees one signature.
-    t, skipped, streak = state.t + 1, state.skipped, state.consecutive_skips * 0
-    if step.taken is not None:  # Lazy arrays: the step is taken where `taken` holds.
-        xp = step.xp
-        count = state.t.dtype if hasattr(state.t, "dtype") else xp.int64
-        taken = xp.astype(step.taken, count)
-        t = state.t + taken
-        skipped = state.skipped + (1 - taken)
-        streak = (state.consecutive_skips + 1) * (1 - taken)
-    return _results(outputs, state, treedef, t, skipped, streak)

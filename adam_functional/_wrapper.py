@@ -2,16 +2,14 @@
 
 It keeps one moment buffer set per stepped array, keyed like the notebook by ``id()`` of the array
 but tied to the array's life by a weak reference, so a new array that happens to reuse a dead
-array's ``id()`` starts fresh. A step finds each array's buffers, takes the checked step of
-``adam_functional._step`` and runs it with the caller's arrays and its own buffers as the outputs
-(donation). It adds no check and no arithmetic of its own.
+array's ``id()`` starts fresh. A step finds each array's buffers, plans the step in place
+(``adam_functional._plan``) and takes it (``adam_functional._step``), which writes the caller's
+arrays and the optimizer's own buffers (donation). It adds no check and no arithmetic of its own.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
-import sys
 import threading
 import warnings
 import weakref
@@ -23,7 +21,8 @@ import numpy as np
 
 from adam_functional import _tree
 from adam_functional import state_dict as plain_data
-from adam_functional._namespaces import is_foreign, library, namespace
+from adam_functional._arrays import is_foreign, library, namespace, plain, zeros
+from adam_functional._plan import LeafState, build, configs_for, keep_one, kept_one
 from adam_functional._records import (
     PICKLE_VERSION,
     AdamConfig,
@@ -33,18 +32,7 @@ from adam_functional._records import (
     short_repr,
     unpickle,
 )
-from adam_functional._step import (
-    LeafState,
-    Step,
-    configs_for,
-    plain,
-    prepare_one,
-    prepare_step,
-    run,
-    run_array_api,
-    small_step,
-)
-from adam_functional._torch_views import views, written, zeros
+from adam_functional._step import advance, take
 from adam_functional._tree import ArrayTree
 
 if TYPE_CHECKING:
@@ -93,7 +81,7 @@ class _Slot:
     ) -> _Slot:
         """A fresh state for parameter ``p``, with moments of ``dtype``: of namespace ``xp`` for
         another library's arrays, on ``p``'s device; else ``made(shape, dtype)``, C-contiguous
-        (NumPy arrays; the tensors of `_torch_views.zeros`)."""
+        (NumPy arrays; the tensors of `_arrays.zeros`)."""
 
         def zeros() -> Any:
             return made(p.shape, dtype) if xp is None else xp.zeros_like(p, dtype=dtype)
@@ -115,7 +103,7 @@ class _Slot:
         counts = {name: getattr(state, name) for name in _COUNTS}
         return cls(copy(state.m), copy(state.v), v_max, **counts)
 
-    def leaf_state(self, origin: str) -> LeafState:
+    def leaf_state(self, origin: str | None) -> LeafState:
         return LeafState(self.m, self.v, self.v_max, self.t, self.consecutive_skips, origin)
 
     def snapshot(self) -> AdamState:
@@ -321,66 +309,48 @@ class Adam:
                 None if slot is None else slot.leaf_state(origin)
                 for slot, origin in zip(slots, self._origins(slots, claimed))
             ]
-            # Tensors in CPU memory are stepped as NumPy views of it, by the in-place kernels.
-            tensors = None
-            if leaves and type(leaves[0]) is not np.ndarray and is_foreign(leaves[0]):
-                # Other libraries' arrays need array-api-compat, viewed or not.
-                namespace(leaves[0], _tree.LeafPaths(treedef, "params")[0])
-                tensors = views(leaves, grads, treedef, states)
-            arrays, grads_in = leaves, grads
-            made: Any = np.zeros
-            if tensors is not None:
-                arrays, grads_in, states, made = (
-                    tensors.params,
-                    tensors.grads,
-                    tensors.states,
-                    zeros,
-                )
-            step = prepare_step(arrays, treedef, grads_in, states, configs, in_place=True)
+            g_leaves = _tree.flatten_like(grads, treedef, "grads")
+            checked = build(leaves, treedef, g_leaves, states, configs, in_place=True)
+            plan = checked.plan
+            # New arrays' moments: of their library; CPU tensors' are tensors, viewed to step.
+            made: Any = np.zeros if checked.tensors is None else zeros
             owned = [
-                _Slot.zeros_like(p, dtype, c.amsgrad, step.xp, made) if slot is None else slot
-                for p, dtype, c, slot in zip(step.params, step.moments, configs, slots)
+                _Slot.zeros_like(p, dtype, c.amsgrad, plan.xp, made) if slot is None else slot
+                for p, dtype, c, slot in zip(checked.params, plan.moments, configs, slots)
             ]
-            if step.coefficients is None:
-                for slot in owned:
-                    slot.skipped += 1
-                    slot.consecutive_skips += 1
-            else:
-                fields = [
-                    state if state is not None else slot.leaf_state("")
-                    for state, slot in zip(states, owned)
-                ]
-                if tensors is not None:
-                    _step_tensors(step, fields, leaves)
-                elif step.xp is None:
-                    outputs = [(p, s.m, s.v, s.v_max) for p, s in zip(step.params, owned)]
-                    run(step, fields, outputs)
-                else:
-                    _write_back(step.params, owned, run_array_api(step, fields))
-                for slot in owned:
-                    slot.t += 1
-                    slot.consecutive_skips = 0
+            filled: list[LeafState | None] = [
+                state if state is not None else slot.leaf_state(None)
+                for state, slot in zip(checked.states, owned)
+            ]
+            checked = checked._replace(states=filled)
+            stepped = take(checked)
+            for index, slot in enumerate(owned):
+                if plan.xp is not None and stepped.new is not None:  # New arrays of the library.
+                    slot.m, slot.v, slot.v_max = stepped.new[index][1:]
+                slot.t, slot.skipped, slot.consecutive_skips = advance(
+                    slot.t, slot.skipped, slot.consecutive_skips, stepped.taken
+                )
             self._register(leaves, owned, claimed)
+            if treedef is None and config is None:
+                keep_one(checked, filled[0], configs[0])
 
     def _step_one(self, p: np.ndarray, g: Any) -> bool:
-        """`step` of one array already stepped, in the common case (`prepare_one`); False when
-        it is not that case, and nothing was done."""
+        """`step` of one array already stepped, on the plan kept for it where that still fits
+        (`kept_one`); False when it does not, and nothing was done."""
         with self._lock:
             slot = self._live_slot(p)
             if slot is None:
                 return False
-            flags = p.flags
-            if flags.writeable and flags.c_contiguous and not slot.consecutive_skips:
-                out = (p, slot.m, slot.v)
-                if small_step(p, g, slot.m, slot.v, slot.t, self._config, out) is not None:
-                    slot.t += 1
-                    return True
             state = LeafState(slot.m, slot.v, slot.v_max, slot.t, slot.consecutive_skips, None)
-            step = prepare_one(p, g, state, self._config, in_place=True)
-            if step is None:
+            checked = kept_one(p, g, state, self._config, True)
+            if checked is None:
                 return False
-            run(step, [state], [(p, slot.m, slot.v, None)])
-            slot.t += 1
+            stepped = take(checked)
+            slot.t, slot.skipped, slot.consecutive_skips = advance(
+                slot.t, slot.skipped, slot.consecutive_skips, stepped.taken
+            )
+            # A restored state that its array has stepped is that array's for good.
+            slot.restored = False
             return True
 
     def _check_fixed(self, configs: list[AdamConfig], treedef: Any) -> None:
@@ -688,31 +658,6 @@ def _fits(array: Any, m: Any, foreign: bool) -> bool:
         return False
     xp = namespace(array, "array")
     return tuple(array.shape) == tuple(m.shape) and bool(xp.isdtype(array.dtype, "real floating"))
-
-
-def _step_tensors(step: Step, fields: list[LeafState], tensors: list[Any]) -> None:
-    """Runs a step prepared on NumPy views of CPU ``tensors``: into their memory and the slots'
-    moments (a new slot's are CPU tensors of its own, viewed here), then bumps the tensors'
-    versions."""
-
-    def viewed(x: Any) -> Any:
-        return x if x is None or isinstance(x, np.ndarray) else x.detach().numpy()
-
-    # One view of each buffer, read and written: the kernels know an in-place step by identity.
-    fields = [f._replace(m=viewed(f.m), v=viewed(f.v), v_max=viewed(f.v_max)) for f in fields]
-    run(step, fields, [(p, f.m, f.v, f.v_max) for p, f in zip(step.params, fields)])
-    written(tensors)
-
-
-def _write_back(params: list[Any], slots: list[_Slot], results: list[Any]) -> None:
-    """Writes a step's new arrays of another library (torch, CuPy) into the parameters, whose
-    memory stays theirs, and hands the new moments to the slots."""
-    torch = sys.modules.get("torch")
-    quiet = torch.no_grad() if torch is not None else contextlib.nullcontext()
-    with quiet:  # Parameters that require gradients are written outside autograd.
-        for p, slot, new in zip(params, slots, results):
-            p[...] = new.p
-            slot.m, slot.v, slot.v_max = new.m, new.v, new.v_max
 
 
 def _describe(value: Any) -> str:

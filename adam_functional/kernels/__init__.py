@@ -20,6 +20,7 @@ import importlib.util
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -28,6 +29,8 @@ import numpy as np
 if TYPE_CHECKING:
     from adam_functional._records import AdamConfig
 
+# What users call: the registry, the choice of backend and a kernel's signature. The plumbing
+# below (`select`, `coefficients`, `scratch`, ...) is the package's own.
 __all__ = [
     "BACKENDS",
     "ENVIRONMENT_VARIABLE",
@@ -36,17 +39,7 @@ __all__ = [
     "Kernel",
     "Outputs",
     "backend",
-    "bias_corrections",
-    "coefficients",
-    "flat",
-    "ravel",
-    "scratch",
-    "select",
-    "small_step",
-    "squares_fit",
     "use_backend",
-    "work_dtype",
-    "write_back",
 ]
 
 #: The backends, the reference first and the fastest last: the last that imports is used unless
@@ -175,24 +168,36 @@ def write_back(out: Outputs, flat_out: Outputs) -> None:
         out.p[...] = flat_out.p.reshape(out.p.shape)
 
 
-def coefficients(config: AdamConfig, t: int) -> Coefficients:
-    """Returns the scalars of step ``t`` (1-based).
+def coefficients(config: AdamConfig, t: Any, xp: Any = None, work: Any = None) -> Coefficients:
+    """Returns the scalars of step ``t`` (1-based): the one place they are made.
 
     The bias corrections ``1 - beta ** t`` are Python floats (float64) whatever the parameters'
     dtype, as in the notebook: ``t`` is an exact int, and ``beta ** t`` in float64 stays accurate
-    where a float32 power would round ``1 - beta2 ** t`` to 0 for small ``t``.
+    where a float32 power would round ``1 - beta2 ** t`` to 0 for small ``t``. Under tracing
+    (``jax.jit``) ``t`` is a 0-d integer array of namespace ``xp``, and the scalars that depend
+    on it are 0-d arrays of the dtype ``work``.
+
+    Raises:
+      ValueError: a schedule gives an invalid rate at step ``t``.
     """
-    lr = config.learning_rate(t)
-    beta1, beta2, weight_decay = config.beta1, config.beta2, config.weight_decay
-    decoupled = config.decoupled_weight_decay
-    bias_correction1, bias_correction2 = bias_corrections(beta1, beta2, t)
+    if isinstance(t, int):
+        lr = config.learning_rate(t)
+        bias_correction1, bias_correction2 = bias_corrections(config.beta1, config.beta2, t)
+        following = bias_corrections(config.beta1, 0.0, t + 1)[0] if config.nesterov else None
+    else:
+        lr = config.lr(t) if callable(config.lr) else config.lr
+        steps = xp.astype(t, work)
+        bias_correction1 = _traced_correction(xp, config.beta1, steps)
+        bias_correction2 = _traced_correction(xp, config.beta2, steps)
+        following = _traced_correction(xp, config.beta1, steps + 1.0) if config.nesterov else None
+    weight_decay, decoupled = config.weight_decay, config.decoupled_weight_decay
     # Positional: this runs once per step, and keyword construction costs a microsecond.
     return Coefficients(
         lr,
-        beta1,
-        1.0 - beta1,
-        beta2,
-        1.0 - beta2,
+        config.beta1,
+        1.0 - config.beta1,
+        config.beta2,
+        1.0 - config.beta2,
         bias_correction1,
         bias_correction2,
         config.eps,
@@ -201,9 +206,44 @@ def coefficients(config: AdamConfig, t: int) -> Coefficients:
         1.0 - lr * weight_decay if decoupled else None,
         config.maximize,
         config.amsgrad,
-        bias_corrections(beta1, beta2, t + 1)[0] if config.nesterov else None,
+        following,
         config.eps_root,
     )
+
+
+def _traced_correction(xp: Any, beta: float, steps: Any) -> Any:
+    """``1 - beta ** steps`` for a 0-d array ``steps``, as ``-expm1(steps * log(beta))`` with
+    ``log(beta)`` from float64: within a few ulps of the float64 value even in float32, where
+    ``1 - beta ** steps`` would lose up to 1e-5."""
+    if beta == 0.0:
+        return xp.ones_like(steps)
+    return -xp.expm1(steps * math.log(beta))
+
+
+# By id(config): a weak reference that tells whether the id still names the config, and its
+# `constants`; cleared when it grows past a few configs.
+_CONSTANTS: dict[int, tuple[Any, tuple[float, ...] | None]] = {}
+
+
+def constants(config: AdamConfig) -> tuple[float, ...] | None:
+    """For a config with a constant learning rate and no option but L2 weight decay, the
+    scalars of `coefficients` that do not depend on the step, ``(lr, beta1, 1 - beta1, beta2,
+    1 - beta2, l2, eps)``, which the kernel of a few elements takes (with
+    `numpy.small_scalars`); else None."""
+    entry = _CONSTANTS.get(id(config))
+    if entry is not None and entry[0]() is config:
+        return entry[1]
+    from adam_functional.kernels.numpy import is_plain
+
+    found = None
+    if type(config.lr) is float:
+        c = coefficients(config, 1)
+        if is_plain(c):
+            found = (c.lr, c.beta1, c.one_minus_beta1, c.beta2, c.one_minus_beta2, c.l2, c.eps)
+    if len(_CONSTANTS) >= 64:
+        _CONSTANTS.clear()
+    _CONSTANTS[id(config)] = (weakref.ref(config), found)
+    return found
 
 
 def bias_corrections(beta1: float, beta2: float, t: int) -> tuple[float, float]:
@@ -244,8 +284,8 @@ class _Backend(NamedTuple):
     load: Callable[[], bool] | None
     #: Whether that loading failed.
     failed: Callable[[], bool] | None
-    #: The checked step of a few elements (see `small_step`).
-    small_step: Callable[..., bool]
+    #: The checked step of a few elements (see `small_step`), if the backend has one.
+    small_step: Callable[..., bool] | None
 
 
 _active: _Backend | None = None
@@ -263,7 +303,7 @@ def _load(name: str) -> _Backend:
         getattr(module, "squares_fit", None),
         getattr(module, "load", None),
         getattr(module, "failed", None),
-        module.small_step,
+        getattr(module, "small_step", None),
     )
 
 
@@ -344,6 +384,10 @@ def small_step(arrays: SmallArrays, scalars: SmallScalars) -> bool:
     ``p``: every input is read before anything is written.
     """
     backend = _active if _active is not None else _resolve()
+    if backend.small_step is None:  # A backend without one: the reference's.
+        assert _reference is not None
+        assert _reference.small_step is not None
+        return _reference.small_step(arrays, scalars)
     return backend.small_step(arrays, scalars)
 
 

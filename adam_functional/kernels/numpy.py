@@ -26,6 +26,7 @@ from adam_functional.kernels import (
     Outputs,
     SmallArrays,
     SmallScalars,
+    bias_corrections,
     flat,
     scratch,
     work_dtype,
@@ -44,6 +45,7 @@ __all__ = [
     "plain_params",
     "scalar",
     "scalar_fits",
+    "small_scalars",
     "small_step",
     "squares_fit",
     "supports",
@@ -449,3 +451,12 @@ def squares_fit(g: np.ndarray, work: np.dtype) -> bool:
     flat = g.reshape(-1)
     chunks = (flat[i : i + CHECK_CHUNK] for i in range(0, flat.shape[0], CHECK_CHUNK))
     return all(float(np.vdot(chunk, chunk)) <= largest for chunk in chunks)
+
+
+def small_scalars(constants: tuple[float, ...], t: int) -> SmallScalars:
+    """The scalars `small_step` takes at step ``t``, from a config's `kernels.constants`:
+    ``(beta1, 1 - beta1, beta2, 1 - beta2, l2, step_m, eps)`` folded as `fold` folds them."""
+    lr, beta1, one_minus_beta1, beta2, one_minus_beta2, l2, eps = constants
+    bias_correction1, bias_correction2 = bias_corrections(beta1, beta2, t)
+    step_m, eps = fold_plain(lr, bias_correction1, bias_correction2, eps)
+    return (beta1, one_minus_beta1, beta2, one_minus_beta2, l2, step_m, eps)
