@@ -19,6 +19,7 @@ import numpy as np
 
 from adam_functional import kernels
 from adam_functional._arrays import (
+    describe,
     is_foreign,
     is_lazy,
     is_traced,
@@ -416,6 +417,13 @@ def check_fit(
 ) -> None:
     """Refuses a state (of the wrapper, with its ``origin``) that does not fit parameter ``p``."""
     # Paths are formatted only for an error: formatting them all costs more than the checks.
+    if isinstance(p, np.ndarray) and not all(
+        x is None or isinstance(x, np.ndarray) for x in (state.m, state.v, state.v_max)
+    ):
+        raise ValueError(
+            f"{paths[index]}: expected NumPy moments for a NumPy array {state.origin}, got "
+            f"{describe(state.m)}"
+        )
     if tuple(state.m.shape) != tuple(p.shape):
         raise ValueError(
             f"{paths[index]}: expected dtype {p.dtype} and shape {tuple(state.m.shape)} "

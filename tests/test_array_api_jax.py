@@ -340,3 +340,33 @@ def test_arrays_without_numbers_to_compute_with_are_refused_by_name(
     ]:
         with pytest.raises(TypeError, match=rf"^{where}: {message}"):
             call()
+
+
+def test_jit_with_the_params_and_state_donated_steps(jax: Any) -> None:
+    # Each leaf of a state is its own buffer: donating the state donates each one once.
+    jnp = jax.numpy
+    config = AdamConfig(lr=0.1, nonfinite="skip")
+    step = jax.jit(lambda p, g, s: adam_update(p, g, s, config), donate_argnums=(0, 2))
+    params = {"w": jnp.ones(4, jnp.float32)}
+    state = adam_init(params)
+    counts = [state.t, state.skipped, state.consecutive_skips]
+    assert len({id(count) for count in counts}) == 3
+    for _ in range(3):
+        params, state = step(params, {"w": jnp.full(4, 0.5, jnp.float32)}, state)
+    expected, _ = numpy_run(np.ones(4, np.float32), [np.full(4, 0.5, np.float32)] * 3, config)
+    np.testing.assert_allclose(np.asarray(params["w"]), expected, rtol=1e-6)
+    assert int(state.t) == 3
+
+
+def test_float16_moments_that_would_overflow_raise_as_on_numpy(jax: Any) -> None:
+    jnp = jax.numpy
+    config = AdamConfig(moment_dtype="float16")
+    message = r"^grads: expected finite gradients, got 1000 values of 1000 for which a moment "
+    message += r"would overflow its storage dtype float16"
+    for p, g in [
+        (np.ones(1000, np.float32), np.full(1000, 1e4, np.float32)),
+        (jnp.ones(1000, jnp.float32), jnp.full(1000, 1e4, jnp.float32)),
+    ]:
+        state = adam_init(p, config)
+        with pytest.raises(FloatingPointError, match=message):
+            adam_update(p, g, state, config)

@@ -58,3 +58,22 @@ def test_in_place_step_allocates_at_most_a_mebibyte(dtype):
     opt.step(W, g)
     peak, _ = _peak(lambda: opt.step(W, g))
     assert peak <= MiB, f"{peak / MiB:.2f} MiB"
+
+
+def test_a_kept_state_does_not_keep_the_parameters_it_returned_alive():
+    import gc
+    import weakref
+
+    from adam_functional import AdamConfig, adam_init, adam_update
+
+    params = {"a": np.ones(5), "b": np.ones(7)}  # small leaves: one batch, one flat buffer
+    state = adam_init(params)
+    kept = []
+    for _ in range(3):
+        params, state = adam_update(params, {"a": np.ones(5), "b": np.ones(7)}, state, AdamConfig())
+        kept.append(state)
+    buffer = weakref.ref(params["a"].base)
+    assert buffer() is not None
+    del params
+    gc.collect()
+    assert buffer() is None  # the states kept hold their moments, not the parameters

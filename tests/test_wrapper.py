@@ -715,3 +715,45 @@ def test_loading_by_path_refuses_a_state_dict_that_does_not_fit_the_tree():
         with pytest.raises(ValueError, match=message):
             opt.load_state_dict(state_dict, target)
         assert wrapper_snapshot(opt) == before
+
+
+def test_a_restored_slot_stepped_by_its_array_is_not_inherited_by_a_new_array():
+    import gc
+
+    W = np.ones(3)
+    opt = Adam(lr=0.1)
+    for _ in range(3):
+        opt.step(W, np.full(3, 0.5))
+    W, opt = pickle.loads(pickle.dumps((W, opt)))
+    opt.step(W, np.full(3, 0.5))  # the one-array step of the array that claimed the state
+    assert opt.t[id(W)] == 4
+    del W
+    gc.collect()
+    fresh = np.ones(3)
+    opt.step(fresh, np.full(3, 0.5))
+    assert opt.t[id(fresh)] == 1
+
+
+def test_a_forged_pickle_of_jax_moments_is_refused_before_anything_is_written():
+    jnp = pytest.importorskip("jax.numpy", reason="jax is not installed")
+    from adam_functional._records import PICKLE_VERSION, unpickle
+
+    slots = [
+        {
+            "array": None,
+            "m": jnp.zeros(3),
+            "v": jnp.zeros(3),
+            "v_max": None,
+            "t": 1,
+            "skipped": 0,
+            "consecutive_skips": 0,
+        }
+    ]
+    try:
+        opt = unpickle(Adam, PICKLE_VERSION, {"config": AdamConfig(), "slots": slots})
+    except (TypeError, ValueError):
+        return  # refused as it loads
+    W = np.ones(3)
+    with pytest.raises(ValueError, match=r"^params: expected NumPy moments for a NumPy array"):
+        opt.step(W, np.ones(3))
+    assert (W == 1.0).all()
