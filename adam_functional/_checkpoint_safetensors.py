@@ -11,9 +11,10 @@ before any tensor is used, and every shape must be one NumPy can hold.
 - **Tensors**: each array or NumPy scalar of the tree, under its path in the tree, as `load`'s
   error messages print it: ``tree`` for a lone array, ``tree['params']['w']``, ``tree.m['w']``.
   An array of a dtype safetensors holds (bool, int8 to int64, uint8 to uint64, float16, float32,
-  float64, little-endian, and bfloat16: ml_dtypes' type in NumPy) is stored as itself, in C order. Any other (complex, long double,
-  big-endian) is stored as its bytes in C order, a 1-d ``U8`` tensor, and its node says its
-  ``"dtype"`` (as NumPy writes it, e.g. ``">f8"``) and ``"shape"``.
+  float64, little-endian, and bfloat16: ml_dtypes' type in NumPy) is stored as itself, in C
+  order. Any other (complex, long double, big-endian) is stored as its bytes in C order, a 1-d
+  ``U8`` tensor, and its node says its ``"dtype"`` (as NumPy writes it, e.g. ``">f8"``) and
+  ``"shape"``.
 - **Metadata** (``__metadata__``, all strings): ``"format"``: ``"adam_functional.checkpoint"``;
   ``"version"``: ``"2"``; ``"kind"``; ``"written_by"``: the release that wrote it, for
   information only; ``"tree"``: the root node as JSON (see `_checkpoint_tree`), whose array
