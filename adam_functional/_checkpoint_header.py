@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
@@ -247,6 +248,36 @@ def _json_int(text: str) -> int:
 
 def _json_constant(text: str) -> Any:
     raise ValueError(f"{text} is not JSON")
+
+
+# -------------------------------------------------------------------------------------------------
+# Floats, as text: exact, NaNs included.
+
+# The bits of Python's NaN (float("nan"), math.nan), which the text "nan" stands for.
+_NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+_NAN_TEXT = re.compile("nan:0x[0-9a-f]{16}")
+
+
+def float_text(number: float) -> str:
+    """``number`` as text, one spelling per float: its ``repr``, except a NaN other than
+    Python's own, which is ``"nan:0x"`` and the 16 hex digits of its bits, so that its sign and
+    payload are kept."""
+    if number == number:
+        return repr(number)
+    bits = struct.unpack("<Q", struct.pack("<d", number))[0]
+    return "nan" if bits == _NAN_BITS else f"nan:0x{bits:016x}"
+
+
+def parse_float(text: str) -> float | None:
+    """The float whose `float_text` is ``text``, or None."""
+    if _NAN_TEXT.fullmatch(text):
+        number: float = struct.unpack("<d", struct.pack("<Q", int(text[6:], 16)))[0]
+    else:
+        try:
+            number = float(text)
+        except ValueError:
+            return None
+    return number if float_text(number) == text else None
 
 
 def short(value: Any) -> str:

@@ -6,8 +6,10 @@ is a JSON object with a ``"type"``:
 
 - ``"none"``; ``"bool"``, ``"int"``, ``"float"`` and ``"str"`` with a ``"value"``: ``true`` or
   ``false``; the int's decimal digits as a string (at most 4000, no leading zero), so that any
-  size is exact; the float's ``repr`` as a string (``"nan"``, ``"-inf"`` and ``"-0.0"``
-  included), so that every float is exact; the string.
+  size is exact; the float's ``repr`` as a string (``"inf"``, ``"-inf"`` and ``"-0.0"``
+  included; ``"nan"`` for Python's NaN, and any other NaN as ``"nan:0x"`` and the 16 hex digits
+  of its bits, such as ``"nan:0xfff8000000000000"`` for ``-nan``), so that every float is exact,
+  bit for bit; the string.
 - ``"array"`` and ``"numpy_scalar"``: a NumPy array or scalar, whose numbers lie outside the tree
   (the file's version says where).
 - ``"list"`` and ``"tuple"`` with ``"items"``, a list of nodes; ``"dict"`` and ``"OrderedDict"``
@@ -45,7 +47,14 @@ import numpy as np
 
 from adam_functional import _bfloat16, _tree, schedules
 from adam_functional._arrays import is_foreign, library, to_numpy
-from adam_functional._checkpoint_header import Kind, Refusal, numeric_problem, short
+from adam_functional._checkpoint_header import (
+    Kind,
+    Refusal,
+    float_text,
+    numeric_problem,
+    parse_float,
+    short,
+)
 from adam_functional._records import AdamConfig, AdamState
 
 # Bounds on the work a file can ask for (the module docstring states them).
@@ -152,7 +161,7 @@ class Encoder:
         if kind is bool or kind is str:
             return {"type": kind.__name__, "value": value}
         if kind is float:
-            return {"type": "float", "value": repr(value)}
+            return {"type": "float", "value": float_text(value)}
         if kind is not int:
             return None
         if value.bit_length() > MAX_INT_BITS:
@@ -215,7 +224,8 @@ class Encoder:
             if field.name == "lr" and not isinstance(value, float):
                 value = self._schedule(value)
             elif field.name == "moment_dtype" and isinstance(value, np.dtype):
-                value = value.name
+                # By name where the name means this dtype; else as NumPy writes it (">f8").
+                value = value.name if np.dtype(value.name) == value else value.str
             elif field.name in _COUNTS and is_foreign(value):  # A count held in an array.
                 value = int(to_numpy(value))
             fields[field.name] = self._child(_Field(field.name), value)
@@ -352,7 +362,7 @@ class Decoder:
         if kind == "int" and type(value) is str and _INT_TEXT.fullmatch(value) and value != "-0":
             return int(value)
         if kind == "float" and type(value) is str:
-            number = _float(value)
+            number = parse_float(value)
             if number is not None:
                 return number
         raise self.fail(f"expected a {kind!r} node's value, got {short(value)}")
@@ -524,15 +534,6 @@ class Decoder:
             return make(*args)
         except (TypeError, ValueError, OverflowError) as error:
             raise self.fail(f"not a valid {what}: {error}") from None
-
-
-def _float(text: str) -> float | None:
-    """The float whose repr is ``text``, or None: one spelling per float."""
-    try:
-        number = float(text)
-    except ValueError:
-        return None
-    return number if repr(number) == text else None
 
 
 def _is_none_node(node: Any) -> bool:

@@ -11,6 +11,7 @@ import doctest
 import keyword
 import math
 import re
+import struct
 import sys
 import tracemalloc
 from collections import OrderedDict, namedtuple
@@ -800,3 +801,28 @@ def test_bfloat16_tensors_are_saved_as_bfloat16_and_load_bit_for_bit(tmp_path):
     restored = Adam(lr=0.5)
     restored.load_state_dict(back["optimizer"], params)
     assert torch.equal(restored.m[id(params["w"])], opt.m[id(params["w"])])
+
+
+def _float_bits(number):
+    return struct.unpack("<Q", struct.pack("<d", number))[0]
+
+
+def _nan_of(bits):
+    return struct.unpack("<d", struct.pack("<Q", bits))[0]
+
+
+def test_a_nan_keeps_its_sign_and_payload(tmp_path):
+    nans = [math.nan, -math.nan, _nan_of(0x7FF8000000000123), _nan_of(0xFFF00000DEADBEEF)]
+    config = AdamConfig(lr=sch.Constant(0.1))
+    back = _round_trip(tmp_path, {"values": nans, "keys": {nans[2]: 1}, "config": config})
+    assert [_float_bits(x) for x in back["values"]] == [_float_bits(x) for x in nans]
+    assert [_float_bits(x) for x in back["keys"]] == [_float_bits(nans[2])]
+
+
+@pytest.mark.parametrize("moment_dtype", [">f8", "<f4", "float16", "params", None])
+def test_a_config_moment_dtype_round_trips_exactly_byte_order_included(tmp_path, moment_dtype):
+    config = AdamConfig(moment_dtype=moment_dtype)
+    back = _round_trip(tmp_path, config)
+    assert back == config and back.moment_dtype == config.moment_dtype
+    opt = Adam(moment_dtype=moment_dtype)
+    assert _round_trip(tmp_path, opt.state_dict())["config"] == opt.state_dict()["config"]

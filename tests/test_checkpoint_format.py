@@ -13,6 +13,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -675,6 +676,23 @@ def test_the_largest_shapes_numpy_holds_load(tmp_path):
     node = {"type": "array", "tensor": "a", "dtype": "<c8", "shape": [2**60 - 1, 0]}
     path = _tree_file(tmp_path, node, {"a": np.zeros(0, np.uint8)})
     assert checkpoint.load(path).shape == (2**60 - 1, 0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["nan:0x7ff8000000000000", "nan:0x0000000000000001", "nan:0x7FF8000000000001", "-nan"],
+    ids=["nan-twice", "not-a-nan", "upper-case", "minus-nan"],
+)
+def test_a_float_spelled_other_than_its_one_spelling_is_refused(tmp_path, text):
+    path = _tree_file(tmp_path, {"type": "float", "value": text})
+    with raises_naming(path, rf"header: tree: expected a 'float' node's value, got '{text}'$"):
+        checkpoint.load(path)
+
+
+def test_a_nan_node_loads_with_its_bits(tmp_path):
+    path = _tree_file(tmp_path, {"type": "float", "value": "nan:0xfff8000000000001"})
+    back = checkpoint.load(path)
+    assert math.isnan(back) and struct.pack("<d", back) == struct.pack("<Q", 0xFFF8000000000001)
 
 
 def _header(entries, metadata=None):
