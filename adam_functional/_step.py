@@ -91,7 +91,7 @@ def check_values(checked: Checked, gathered: dict[tuple[int, ...], np.ndarray]) 
             fine = _array_fine(checked, group.leaves[0])
             flag = fine if flag is None else plan.xp.logical_and(flag, fine)
         elif check == "batch":
-            flat_g = _gathered([checked.grads[i] for i in group.leaves], f"g{number}", plan)
+            flat_g = _gathered([checked.grads[i] for i in group.leaves], f"g{number}")
             gathered[group.leaves] = flat_g
             failed = failed or not kernels.squares_fit(flat_g, flat_g.dtype)
         elif check == "array":
@@ -470,23 +470,23 @@ def _run_batch(
 ) -> tuple[Any, ...]:
     """Runs one batch of the pure update into flat fresh arrays: its gradients gathered (by its
     check, or here), its parameters and moments too unless ``known`` has their flat arrays."""
-    plan, leaves = checked.plan, group.leaves
+    leaves = group.leaves
     first = leaves[0]
     c = coefficients[first]
     flat_g = gathered.get(leaves)
     if flat_g is None:
-        flat_g = _gathered([checked.grads[i] for i in leaves], f"g{number}", plan)
+        flat_g = _gathered([checked.grads[i] for i in leaves], f"g{number}")
     flat = known.get(leaves)
     flat_p = None if flat is None else flat[0]
     if flat_p is None:
-        flat_p = _gathered([checked.params[i] for i in leaves], "p", plan)
+        flat_p = _gathered([checked.params[i] for i in leaves], "p")
     moments = None if flat is None else flat[1:]
     if moments is None:
         states = [checked.states[i] for i in leaves]
         moments = (
-            _gathered([s.m for s in states], "m", plan),  # type: ignore[union-attr]
-            _gathered([s.v for s in states], "v", plan),  # type: ignore[union-attr]
-            _gathered([s.v_max for s in states], "v_max", plan) if c.amsgrad else None,  # type: ignore[union-attr]
+            _gathered([s.m for s in states], "m"),  # type: ignore[union-attr]
+            _gathered([s.v for s in states], "v"),  # type: ignore[union-attr]
+            _gathered([s.v_max for s in states], "v_max") if c.amsgrad else None,  # type: ignore[union-attr]
         )
     total, dtype = flat_g.shape[0], checked.params[first].dtype
     out = Outputs(
@@ -500,7 +500,7 @@ def _run_batch(
     return (out.p, seal(out.m), seal(out.v), None if out.v_max is None else seal(out.v_max))
 
 
-def _gathered(arrays: list[np.ndarray], name: str, plan: Plan) -> np.ndarray:
+def _gathered(arrays: list[np.ndarray], name: str) -> np.ndarray:
     """``arrays`` one after the other in a scratch array of this thread (of their dtype)."""
     dtype = arrays[0].dtype
     total = sum(a.size for a in arrays)

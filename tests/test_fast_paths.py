@@ -509,8 +509,8 @@ def test_a_returned_parameter_given_other_strides_is_read_through_them():
 
 
 # -------------------------------------------------------------------------------------------------
-# The step of a few float64 elements (`_step.small_step`): Python floats, or numba's `small` once
-# the loops are loaded; both APIs take it for one array.
+# The step of a few float64 elements (a plan of one "small" group, `kernels.small_step`): Python
+# floats, or numba's `small` once the loops are loaded; both APIs take it for one array.
 
 SMALL_BACKENDS = ["numpy", "numba"]
 SMALL_CONFIGS = [
